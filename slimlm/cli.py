@@ -1,0 +1,275 @@
+"""The `slimlm` command: maps flags onto the typed configs of the packages; no logic of its own.
+
+Problems with the input end with one sentence on stderr and a non-zero exit
+(`SlimlmError`); `--json` puts a machine-readable result on stdout, progress bars
+and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG_COMPRESS = """recipes (one-line form; see slimlm.compress.recipe):
+  rtn:bits=4,group=64                          4-bit round-to-nearest, groups of 64 (4.5 bpw)
+  rtn:bits=3,group=64+rtn:bits=8@*.down_proj   mixed precision: down_proj at 8 bits
+  rtn:bits=4,group=channel,sym=true            per-channel, symmetric
+  recipe.yaml / recipe.json                    the same as data
+methods: {methods}"""
+
+
+def _methods_line() -> str:
+    from slimlm.methods import load_all
+
+    return ", ".join(sorted(load_all()))
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _eval_config(a):
+    from slimlm.eval.run import EvalConfig
+
+    return EvalConfig(text_file=a.text, seq_len=a.seq_len, max_tokens=None if a.max_tokens == 0 else a.max_tokens,
+                      tasks=tuple(a.tasks or ()))
+
+
+def _calib_config(a):
+    from slimlm.compress import CalibrationConfig
+
+    return CalibrationConfig.from_tokens(a.calib_tokens, seq_len=a.calib_seq_len, text_file=a.calib_text, seed=a.seed)
+
+
+def cmd_compress(a) -> int:
+    import slimlm
+    from slimlm.compress import Recipe, compress_model
+    from slimlm.eval.size import size_report
+    from slimlm.formats.store import save_compressed
+
+    recipe = Recipe.load(a.recipe)  # a bad recipe fails before the model loads
+    calib = _calib_config(a)
+    from pathlib import Path
+
+    if Path(a.output).exists() and not a.force:
+        raise slimlm.SlimlmError(f"output {a.output} already exists; choose another path or pass --force to replace it")
+    lm = slimlm.load(a.source)
+    compress_model(lm, recipe, calib, progress=not a.quiet, seed=a.seed)
+    save_compressed(lm, a.output, overwrite=a.force)
+    rep = size_report(lm, a.output)
+    out = {"output": a.output, "recipe": recipe.to_string(), "compress_seconds": lm.manifest["compress_seconds"], **rep}
+    if a.json:
+        _print_json(out)
+    else:
+        print(f"wrote {a.output}: {rep['bpw']:.3f} bits per weight in the block linears, "
+              f"{rep['size_bytes'] / 1e6:.1f} MB, compressed in {out['compress_seconds']:.1f} s")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import slimlm
+    from slimlm.eval.run import evaluate
+
+    cfg = _eval_config(a)
+    lm = slimlm.load(a.model)
+    ref = slimlm.load(a.reference) if a.reference else None
+    res = evaluate(lm, cfg, reference=ref, path=a.model, progress=not a.quiet)
+    if a.json:
+        _print_json(res)
+        return 0
+    print(f"{res['model']} on {res['text']}: perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
+          f"({res['windows']} windows of {res['seq_len']})")
+    if "kl" in res:
+        print(f"against {res['reference']}: KL {res['kl']:.5f}, top-1 agreement {res['top1']:.4f}")
+    print(f"size: {res['bpw']:.3f} bits per weight in the block linears, {res['size_bytes'] / 1e6:.1f} MB")
+    for name, t in res["tasks"].items():
+        print(f"task {name}: acc {t['acc']:.4f}, acc_norm {t['acc_norm']:.4f} (n={t['n']})")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import slimlm
+    from slimlm.eval.size import size_report
+    from slimlm.eval.speed import bench_model
+
+    lm = slimlm.load(a.model)
+    res = bench_model(lm.model, lm.tokenizer, a.prompt_tokens, a.decode_tokens, a.runs, a.threads)
+    res.update(size_report(lm, a.model))
+    if a.json:
+        _print_json(res)
+    else:
+        print(f"prefill {res['prefill_tps']:.1f} tokens/s ({res['prompt_tokens']} tokens), decode {res['decode_tps']:.1f} "
+              f"tokens/s, {res['threads']} threads, peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB, "
+              f"{res['bpw']:.3f} bpw, {res['size_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import slimlm
+    from slimlm.runtime import GenerationConfig, generate
+
+    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                           top_p=a.top_p, seed=a.seed, stop=tuple(a.stop or ()))
+    lm = slimlm.load(a.model)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    generate(lm, a.prompt, cfg, chat=not a.no_chat, on_text=lambda s: print(s, end="", flush=True))
+    print()
+    return 0
+
+
+def cmd_info(a) -> int:
+    import slimlm
+    from slimlm.eval.size import size_report
+    from slimlm.formats.store import layer_table
+
+    lm = slimlm.load(a.model)
+    rep = size_report(lm, a.model)
+    man = lm.manifest or {}
+    out = {"model": a.model, "source": man.get("source", lm.source), "recipe": man.get("recipe", "none"),
+           "model_type": lm.config.model_type, "blocks": lm.adapter.n_blocks(lm.model), **rep,
+           "layers": layer_table(lm.model), "calibration": man.get("calibration"),
+           "slimlm_version": man.get("slimlm_version")}
+    if a.json:
+        _print_json(out)
+        return 0
+    print(f"{a.model}: {out['model_type']}, {out['blocks']} blocks, from {out['source']}")
+    print(f"recipe: {out['recipe']}")
+    print(f"{rep['bpw']:.3f} bits per weight over {rep['linear_weights']:,} block-linear weights; {rep['size_bytes'] / 1e6:.1f} MB")
+    if out["layers"]:
+        w = max(len(n) for n in out["layers"])
+        print(f"{'layer'.ljust(w)}  {'method':8} {'format':6} {'shape':>11} {'bpw':>7}")
+        for n, e in out["layers"].items():
+            print(f"{n.ljust(w)}  {e['method']:8} {e['format']:6} {'x'.join(map(str, e['shape'])):>11} {e['bpw']:7.3f}")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from slimlm.sweep import DEMO_RECIPES, SweepConfig, format_table, run_sweep
+
+    recipes = tuple(a.recipe) if a.recipe else DEMO_RECIPES
+    cfg = SweepConfig(recipes=recipes, out_dir=a.out, eval=_eval_config(a), calibration=_calib_config(a), bench=not a.no_bench)
+    rows = run_sweep(a.model, cfg, progress=not a.quiet)
+    if a.json:
+        _print_json(rows)
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    a.recipe = None
+    a.model = "smollm2-135m"
+    print("slimlm demo: the embedded SmolLM2-135M with several RTN recipes, each evaluated against the "
+          "reference on the built-in evaluation split. Note: 4-bit groups of 32 reproduce this model exactly "
+          "(its weights lie on a Q4_1 grid of blocks of 32), so that row flatters RTN.", file=sys.stderr)
+    return cmd_sweep(a)
+
+
+def _add_eval_flags(p, default_max=True):
+    from slimlm.eval.run import DEFAULT_MAX_TOKENS
+
+    p.add_argument("--text", metavar="FILE", help="evaluate on this UTF-8 text file instead of the built-in evaluation split")
+    p.add_argument("--tasks", metavar="FILE", nargs="+", help="multiple-choice task files (JSON lines: context, choices, gold)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"evaluate at most this many tokens, 0 for all (default {DEFAULT_MAX_TOKENS})")
+
+
+def _add_calib_flags(p):
+    p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: the built-in calibration split)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens for methods that need them (default 16384)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and stochastic methods")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimlm", description="Fit a language model to a device budget: compress it, "
+                                "measure what was lost, run it on a CPU.")
+    from slimlm import __version__
+
+    p.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    src_help = "smollm2-135m (the embedded model), an HF directory, a .gguf file, or a slimlm directory"
+
+    c = sub.add_parser("compress", help="compress a model with a recipe and save it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EPILOG_COMPRESS.format(methods=_methods_line()))
+    c.add_argument("source", help=src_help)
+    c.add_argument("--recipe", required=True, help="one-line recipe or a .json/.yaml recipe file")
+    c.add_argument("--output", "-o", required=True, help="directory to write (written atomically)")
+    c.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    _add_calib_flags(c)
+    c.set_defaults(fn=cmd_compress)
+
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 against a reference, task accuracy, size")
+    e.add_argument("model", help=src_help)
+    e.add_argument("--reference", help="the uncompressed model to compare against (KL, top-1)")
+    _add_eval_flags(e)
+    e.set_defaults(fn=cmd_eval)
+
+    b = sub.add_parser("bench", help="prefill and decode tokens/s, peak memory, size")
+    b.add_argument("model", help=src_help)
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--decode-tokens", type=int, default=64)
+    b.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; the median is reported")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    b.set_defaults(fn=cmd_bench)
+
+    g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
+    g.add_argument("model", help=src_help)
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
+    g.add_argument("--threads", type=int, default=None)
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("info", help="recipe, per-layer formats and bits, size")
+    i.add_argument("model", help=src_help)
+    i.set_defaults(fn=cmd_info)
+
+    for name, fn, hlp in (("sweep", cmd_sweep, "compress with several recipes, evaluate and benchmark each, print a table"),
+                          ("demo", cmd_demo, "the sweep of RTN recipes on the embedded model (what `make demo` runs)")):
+        s = sub.add_parser(name, help=hlp)
+        if name == "sweep":
+            s.add_argument("model", help=src_help)
+            s.add_argument("--recipe", action="append", help="a recipe to include (repeatable; default: the demo list)")
+        s.add_argument("--out", default=f"out/{name}", help="where the compressed models are saved")
+        s.add_argument("--no-bench", action="store_true", help="skip the decode-speed measurement")
+        _add_eval_flags(s)
+        _add_calib_flags(s)
+        s.set_defaults(fn=fn)
+
+    for sp in sub.choices.values():
+        sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    from slimlm.errors import SlimlmError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SlimlmError as e:
+        print(f"slimlm: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("slimlm: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The sequential engine: compress a model block by block with a recipe.
+
+    plan      every block linear -> the stages that apply to it (Recipe.stages_for);
+              each stage's `check` runs on every layer before any work starts
+    calibrate only when a stage needs statistics: calibration windows run through the
+              model up to block 0, then through each block in turn — after that block
+              is compressed, so later blocks see the errors of earlier ones; one
+              block's activations are held at a time
+    compress  per layer, stages in order; each gets the weight left by the one before
+              (the dequantized result) and its packed output as `stats.prev`
+
+The model is changed in place: compressed layers become `CompressedLinear`s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+import slimlm
+from slimlm.compress.calibration import BlockInputs, StatsCollector
+from slimlm.compress.recipe import Recipe
+from slimlm.data import Split, calibration_windows, resolve_text
+from slimlm.errors import SlimlmError
+from slimlm.formats.linear import CompressedLinear, replace_linear
+from slimlm.methods import LayerStats
+from slimlm.models.loaded import LoadedModel
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration data: `n_windows` windows of `seq_len` tokens, drawn with `seed`."""
+
+    text_file: str | None = None  # None: the built-in calibration split
+    n_windows: int = 32
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.n_windows < 1:
+            raise SlimlmError(f"calibration needs at least one window, got {self.n_windows}")
+        if self.seq_len < 2:
+            raise SlimlmError(f"calibration windows need at least 2 tokens, got {self.seq_len}")
+
+    @classmethod
+    def from_tokens(cls, tokens: int, seq_len: int = 512, **kw) -> "CalibrationConfig":
+        return cls(n_windows=max(1, tokens // seq_len), seq_len=seq_len, **kw)
+
+
+def plan_layers(lm: LoadedModel, recipe: Recipe) -> dict[str, list]:
+    """Layer name -> stages, with every stage's check run first (fail before any work)."""
+    plan = {}
+    for name in lm.adapter.linear_names(lm.model):
+        stages = recipe.stages_for(name)
+        if not stages:
+            continue
+        mod = lm.model.get_submodule(name)
+        if isinstance(mod, CompressedLinear):
+            raise SlimlmError(f"layer {name} is already compressed; compress the original model instead")
+        w = mod.weight
+        if not torch.isfinite(w).all():
+            raise SlimlmError(f"weight {name} holds NaN or Inf values; the model cannot be compressed")
+        for st in stages:
+            if st.spec.check is not None:
+                try:
+                    st.spec.check(st.config, tuple(w.shape))
+                except SlimlmError as e:
+                    raise SlimlmError(f"stage {st.to_string()!r} cannot compress {name}: {e}") from None
+        plan[name] = stages
+    return plan
+
+
+def compress_layer(weight: torch.Tensor, stages: list, stats: LayerStats):
+    packed = None
+    for st in stages:
+        packed = st.spec.fn(weight, stats, st.config)
+        stats.prev = packed
+        weight = packed.dequantize()
+    return packed
+
+
+def compress_model(
+    lm: LoadedModel,
+    recipe: Recipe | str,
+    calibration: CalibrationConfig | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> LoadedModel:
+    """Compress `lm` in place with `recipe`; returns it with a manifest describing the result."""
+    if isinstance(recipe, str):
+        recipe = Recipe.load(recipe)
+    calibration = calibration or CalibrationConfig()
+    t0 = time.perf_counter()
+    plan = plan_layers(lm, recipe)
+    needs = frozenset().union(*(st.spec.needs for stages in plan.values() for st in stages))
+    blocks = lm.adapter.blocks(lm.model)
+    prefix = lm.adapter.blocks_path
+    inputs = None
+    calib_desc = None
+    if needs:
+        text, calib_desc = resolve_text(calibration.text_file, Split.CALIBRATION)
+        windows = calibration_windows(lm.tokenizer, text, calibration.n_windows, calibration.seq_len, calibration.seed)
+        inputs = BlockInputs(lm.model, blocks[0], windows)
+    bar = tqdm(total=len(blocks), desc="compress", unit="block", disable=not progress)
+    for i, block in enumerate(blocks):
+        bname = f"{prefix}.{i}"
+        todo = {n[len(bname) + 1:]: n for n in plan if n.startswith(bname + ".")}
+        block_needs = frozenset().union(*(st.spec.needs for n in todo.values() for st in plan[n]))
+        collected = {}
+        if todo and block_needs:
+            col = StatsCollector(block, todo, "hessian" in block_needs, "act_norm" in block_needs)
+            try:
+                inputs.run(block)
+            finally:
+                col.remove()
+            collected = {full: col.stats(full) for full in todo.values()}
+        for local, full in todo.items():
+            lin = block.get_submodule(local)
+            stats = LayerStats(name=full, seed=seed, **collected.get(full, {}))
+            packed = compress_layer(lin.weight.detach().float(), plan[full], stats)
+            method = "+".join(st.method for st in plan[full])
+            replace_linear(block, local, CompressedLinear(packed, bias=lin.bias, method=method))
+        if inputs is not None and i + 1 < len(blocks):
+            inputs.advance(block)
+        bar.update(1)
+    bar.close()
+    lm.kind = "slimlm"
+    lm.manifest = dict(
+        slimlm_version=slimlm.__version__,
+        source=lm.source if not lm.manifest else lm.manifest.get("source", lm.source),
+        recipe=recipe.to_string(),
+        recipe_data=recipe.to_dict(),
+        calibration=None if not needs else dict(text=calib_desc, n_windows=calibration.n_windows,
+                                                seq_len=calibration.seq_len, seed=calibration.seed),
+        compress_seconds=round(time.perf_counter() - t0, 2),
+    )
+    return lm

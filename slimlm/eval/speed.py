@@ -1,0 +1,52 @@
+"""Speed and memory: prefill and decode tokens/s, peak resident memory.
+
+Prefill: one forward over a `prompt_tokens` prompt with a fresh cache. Decode: greedy
+tokens after that prompt, one forward each with the KV cache. Each figure is the
+median of `runs` runs after one warm-up run; threads are set and reported.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import torch
+
+from slimlm.runtime.generate import GenerationConfig, generate_ids
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@torch.inference_mode()
+def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int = 64, runs: int = 3,
+                threads: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    from slimlm.data import corpus_text
+
+    ids = tokenizer(corpus_text("evaluation")[:20000], add_special_tokens=False)["input_ids"][:prompt_tokens]
+    cfg = GenerationConfig(max_new_tokens=decode_tokens)
+    prefill, decode = [], []
+    for r in range(runs + 1):
+        t0 = time.perf_counter()
+        marks = {}
+        n = 0
+        for _ in generate_ids(model, ids, cfg, on_prefill=lambda: marks.setdefault("p", time.perf_counter())):
+            n += 1
+        t1 = time.perf_counter()
+        if r == 0:
+            continue  # warm-up
+        prefill.append(len(ids) / (marks["p"] - t0))
+        decode.append(n / (t1 - marks["p"]))
+    return {
+        "prefill_tps": statistics.median(prefill),
+        "decode_tps": statistics.median(decode),
+        "prompt_tokens": len(ids),
+        "decode_tokens": decode_tokens,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }

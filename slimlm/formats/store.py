@@ -1,0 +1,148 @@
+"""Saving and loading a compressed model: a directory, never pickle.
+
+    slimlm.json           manifest: source, recipe, per-layer format / bits / metadata, version
+    config.json           the transformers model config
+    dense.safetensors     every tensor left uncompressed (embeddings, norms, biases)
+    packed.safetensors    the packed tensors of each compressed layer, keyed "<layer>/<field>"
+    tokenizer files
+
+A directory is written to a temporary sibling and renamed into place, so an
+interrupted save leaves nothing half-written; an existing output is replaced only
+when `overwrite=True`, and then only after the new directory is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.base import format_class
+from slimlm.formats.linear import CompressedLinear, replace_linear
+from slimlm.models.loaded import LoadedModel
+
+MANIFEST = "slimlm.json"
+FORMAT_VERSION = 1
+
+
+def compressed_layers(model: torch.nn.Module) -> dict[str, CompressedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def layer_table(model: torch.nn.Module) -> dict[str, dict]:
+    """Per compressed layer: method, format, shape, exact bits and bits per weight."""
+    table = {}
+    for name, mod in compressed_layers(model).items():
+        p = mod.packed
+        numel = p.shape[0] * p.shape[1]
+        meta, _ = p.to_state()
+        table[name] = dict(method=mod.method, format=p.format_name, shape=list(p.shape), nbits=p.nbits(),
+                           numel=numel, bpw=p.nbits() / numel, meta=meta)
+    return table
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tensors that share storage (tied embeddings) kept once, under
+    their first name; `tie_weights()` restores the others on load."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out
+
+
+def save_compressed(lm: LoadedModel, dest: str | Path, overwrite: bool = False) -> Path:
+    """Write `lm` (with its CompressedLinear layers) to directory `dest`, atomically."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise SlimlmError(f"output {dest} already exists; choose another path or pass --force to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        layers = compressed_layers(lm.model)
+        packed = {}
+        for name, mod in layers.items():
+            _, tensors = mod.packed.to_state()
+            for field, t in tensors.items():
+                packed[f"{name}/{field}"] = t.contiguous()
+        save_file(packed, str(tmp / "packed.safetensors"))
+        save_file(unique_state_dict(lm.model), str(tmp / "dense.safetensors"))
+        config = lm.model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        lm.tokenizer.save_pretrained(str(tmp))
+        manifest = dict(lm.manifest or {})
+        manifest.update(format_version=FORMAT_VERSION, layers=layer_table(lm.model))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def load_compressed(path: str | Path, cache: bool = True) -> LoadedModel:
+    """Rebuild a compressed model from its directory; logits equal the saved model's bit for bit."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.models.sources import _check_safetensors_size, _quiet_transformers
+
+    _quiet_transformers()
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlimlmError(f"{path / MANIFEST} is unreadable or not JSON ({e}); the directory is corrupt") from None
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise SlimlmError(f"{path} was written by a newer slimlm (format {manifest['format_version']}); upgrade slimlm")
+    for f in ("dense.safetensors", "packed.safetensors", "config.json"):
+        if not (path / f).is_file():
+            raise SlimlmError(f"{path} is missing {f}; the directory is incomplete")
+    for f in ("dense.safetensors", "packed.safetensors"):
+        _check_safetensors_size(path / f)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        packed_tensors = load_file(str(path / "packed.safetensors"))
+        with safe_open(str(path / "dense.safetensors"), "pt") as f:
+            dense = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise SlimlmError(f"could not read the compressed model in {path}: {e}") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    for name, entry in manifest.get("layers", {}).items():
+        prefix = f"{name}/"
+        tensors = {k[len(prefix):]: v for k, v in packed_tensors.items() if k.startswith(prefix)}
+        packed = format_class(entry["format"]).from_state(entry["meta"], tensors)
+        bias = dense.pop(f"{name}.bias", None)
+        replace_linear(model, name, CompressedLinear(packed, bias=bias, method=entry.get("method", ""), cache=cache))
+    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+    if unexpected:
+        raise SlimlmError(f"{path}/dense.safetensors holds tensors this model has no place for: {unexpected[:3]}")
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise SlimlmError(f"{path} is missing weights for {still_meta[:3]}; the directory is corrupt")
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), kind="slimlm", manifest=manifest)

@@ -1,0 +1,35 @@
+"""`LoadedModel`: a transformers causal LM, its tokenizer, and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from slimlm.models.adapter import Adapter, adapter_for
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to compress, evaluate or run.
+
+    `source` is what the user named (a builtin name or a path); `kind` is one of
+    "builtin", "gguf", "hf", "slimlm"; `manifest` is the parsed slimlm.json of a
+    compressed directory (None otherwise).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    kind: str
+    manifest: dict | None = None
+    adapter: Adapter = field(init=False)
+
+    def __post_init__(self):
+        self.adapter = adapter_for(self.model)
+        self.model.eval()
+
+    @property
+    def config(self):
+        return self.model.config
