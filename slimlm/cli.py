@@ -55,6 +55,8 @@ def cmd_compress(a) -> int:
     if Path(a.output).exists() and not a.force:
         raise slimlm.SlimlmError(f"output {a.output} already exists; choose another path or pass --force to replace it")
     lm = slimlm.load(a.source)
+    if a.dtype:
+        lm.cast(a.dtype)
     compress_model(lm, recipe, calib, progress=not a.quiet, seed=a.seed)
     save_compressed(lm, a.output, overwrite=a.force)
     rep = size_report(lm, a.output)
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="one-line recipe or a .json/.yaml recipe file")
     c.add_argument("--output", "-o", required=True, help="directory to write (written atomically)")
     c.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast the source to this dtype first (the embedded model loads as float32)")
     _add_calib_flags(c)
     c.set_defaults(fn=cmd_compress)
 
@@ -248,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_calib_flags(s)
         s.set_defaults(fn=fn)
 
+    from slimlm.commands import register_all
+
+    register_all(sub)
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

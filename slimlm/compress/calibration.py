@@ -66,15 +66,21 @@ class BlockInputs:
 class StatsCollector:
     """Accumulates input statistics of the named linears of one block while it runs."""
 
-    def __init__(self, block: nn.Module, names: dict[str, str], hessian: bool, act_norm: bool):
+    def __init__(self, block: nn.Module, names: dict[str, str], hessian: bool, act_norm: bool,
+                 inputs_stride: int = 0):
         # names: local module path inside the block -> full layer name
+        # inputs_stride: keep every k-th input row (0: keep none)
         self.hessian = {}
         self.act_norm = {}
+        self.inputs = {}
+        self.stride = inputs_stride
         self.count = {}
         self._handles = []
         for local, full in names.items():
             mod = block.get_submodule(local)
             self.count[full] = 0
+            if inputs_stride:
+                self.inputs[full] = []
             if hessian:
                 self.hessian[full] = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64)
             if act_norm:
@@ -89,6 +95,9 @@ class StatsCollector:
                 self.hessian[full] += (x.T @ x).double()
             if full in self.act_norm:
                 self.act_norm[full] += x.pow(2).sum(0).double()
+            if full in self.inputs:
+                start = (-self.count[full] + x.shape[0]) % self.stride  # keeps the stride across windows
+                self.inputs[full].append(x[start :: self.stride].clone())
 
         return hook
 
@@ -104,4 +113,6 @@ class StatsCollector:
             out["hessian"] = self.hessian.pop(full) / n
         if full in self.act_norm:
             out["act_norm"] = self.act_norm.pop(full) / n
+        if full in self.inputs:
+            out["inputs"] = torch.cat(self.inputs.pop(full), 0)
         return out

@@ -30,6 +30,9 @@ from slimlm.methods import LayerStats
 from slimlm.models.loaded import LoadedModel
 
 
+MAX_INPUT_ROWS = 8192  # input rows kept per layer for methods that need "inputs"
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Calibration data: `n_windows` windows of `seq_len` tokens, drawn with `seed`."""
@@ -111,7 +114,8 @@ def compress_model(
         block_needs = frozenset().union(*(st.spec.needs for n in todo.values() for st in plan[n]))
         collected = {}
         if todo and block_needs:
-            col = StatsCollector(block, todo, "hessian" in block_needs, "act_norm" in block_needs)
+            stride = -(-inputs.hidden.shape[0] * inputs.hidden.shape[1] // MAX_INPUT_ROWS) if "inputs" in block_needs else 0
+            col = StatsCollector(block, todo, "hessian" in block_needs, "act_norm" in block_needs, stride)
             try:
                 inputs.run(block)
             finally:
@@ -132,6 +136,7 @@ def compress_model(
         slimlm_version=slimlm.__version__,
         source=lm.source if not lm.manifest else lm.manifest.get("source", lm.source),
         recipe=recipe.to_string(),
+        dtype=str(lm.dtype).removeprefix("torch."),
         recipe_data=recipe.to_dict(),
         calibration=None if not needs else dict(text=calib_desc, n_windows=calibration.n_windows,
                                                 seq_len=calibration.seq_len, seed=calibration.seed),

@@ -130,8 +130,9 @@ def load_compressed(path: str | Path, cache: bool = True) -> LoadedModel:
             dense = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise SlimlmError(f"could not read the compressed model in {path}: {e}") from None
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     for name, entry in manifest.get("layers", {}).items():
         prefix = f"{name}/"
         tensors = {k[len(prefix):]: v for k, v in packed_tensors.items() if k.startswith(prefix)}

@@ -23,7 +23,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 
-NEEDS = frozenset({"hessian", "act_norm"})
+NEEDS = frozenset({"hessian", "act_norm", "inputs"})
 
 
 class Kind(str, Enum):
@@ -38,11 +38,13 @@ class LayerStats:
 
     hessian:  (in, in) float64, mean of x xᵀ over calibration tokens (H = XᵀX / n)
     act_norm: (in,) float64, mean of x² per input channel
+    inputs:   (rows, in) float32, an evenly strided sample of at most 8192 input rows
     """
 
     name: str
     hessian: torch.Tensor | None = None
     act_norm: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
     n_tokens: int = 0
     prev: typing.Any = None  # the Packed result of an earlier stage on this layer
     seed: int = 0

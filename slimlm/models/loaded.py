@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimlm.models.adapter import Adapter, adapter_for
@@ -29,6 +30,17 @@ class LoadedModel:
     def __post_init__(self):
         self.adapter = adapter_for(self.model)
         self.model.eval()
+
+    def cast(self, dtype: str | torch.dtype) -> "LoadedModel":
+        """Cast every floating-point weight to `dtype` (e.g. "bfloat16"), in place."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.model.to(dtype)
+        self.model.config.dtype = dtype
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def config(self):
