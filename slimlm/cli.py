@@ -19,24 +19,27 @@ EPILOG_COMPRESS = """recipes (one-line form; see slimlm.compress.recipe):
 methods: {methods}"""
 
 
+SOURCE_HELP = "smollm2-135m (the embedded model), an HF directory, a .gguf file, or a slimlm directory"
+
+
 def _methods_line() -> str:
     from slimlm.methods import load_all
 
     return ", ".join(sorted(load_all()))
 
 
-def _print_json(obj) -> None:
+def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _eval_config(a):
+def eval_config(a):
     from slimlm.eval.run import EvalConfig
 
     return EvalConfig(text_file=a.text, seq_len=a.seq_len, max_tokens=None if a.max_tokens == 0 else a.max_tokens,
                       tasks=tuple(a.tasks or ()))
 
 
-def _calib_config(a):
+def calib_config(a):
     from slimlm.compress import CalibrationConfig
 
     return CalibrationConfig.from_tokens(a.calib_tokens, seq_len=a.calib_seq_len, text_file=a.calib_text, seed=a.seed)
@@ -49,7 +52,7 @@ def cmd_compress(a) -> int:
     from slimlm.formats.store import save_compressed
 
     recipe = Recipe.load(a.recipe)  # a bad recipe fails before the model loads
-    calib = _calib_config(a)
+    calib = calib_config(a)
     from pathlib import Path
 
     if Path(a.output).exists() and not a.force:
@@ -62,7 +65,7 @@ def cmd_compress(a) -> int:
     rep = size_report(lm, a.output)
     out = {"output": a.output, "recipe": recipe.to_string(), "compress_seconds": lm.manifest["compress_seconds"], **rep}
     if a.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(f"wrote {a.output}: {rep['bpw']:.3f} bits per weight in the block linears, "
               f"{rep['size_bytes'] / 1e6:.1f} MB, compressed in {out['compress_seconds']:.1f} s")
@@ -73,12 +76,12 @@ def cmd_eval(a) -> int:
     import slimlm
     from slimlm.eval.run import evaluate
 
-    cfg = _eval_config(a)
+    cfg = eval_config(a)
     lm = slimlm.load(a.model)
     ref = slimlm.load(a.reference) if a.reference else None
     res = evaluate(lm, cfg, reference=ref, path=a.model, progress=not a.quiet)
     if a.json:
-        _print_json(res)
+        print_json(res)
         return 0
     print(f"{res['model']} on {res['text']}: perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
           f"({res['windows']} windows of {res['seq_len']})")
@@ -99,7 +102,7 @@ def cmd_bench(a) -> int:
     res = bench_model(lm.model, lm.tokenizer, a.prompt_tokens, a.decode_tokens, a.runs, a.threads)
     res.update(size_report(lm, a.model))
     if a.json:
-        _print_json(res)
+        print_json(res)
     else:
         print(f"prefill {res['prefill_tps']:.1f} tokens/s ({res['prompt_tokens']} tokens), decode {res['decode_tps']:.1f} "
               f"tokens/s, {res['threads']} threads, peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB, "
@@ -136,7 +139,7 @@ def cmd_info(a) -> int:
            "layers": layer_table(lm.model), "calibration": man.get("calibration"),
            "slimlm_version": man.get("slimlm_version")}
     if a.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(f"{a.model}: {out['model_type']}, {out['blocks']} blocks, from {out['source']}")
     print(f"recipe: {out['recipe']}")
@@ -149,29 +152,7 @@ def cmd_info(a) -> int:
     return 0
 
 
-def cmd_sweep(a) -> int:
-    from slimlm.sweep import DEMO_RECIPES, SweepConfig, format_table, run_sweep
-
-    recipes = tuple(a.recipe) if a.recipe else DEMO_RECIPES
-    cfg = SweepConfig(recipes=recipes, out_dir=a.out, eval=_eval_config(a), calibration=_calib_config(a), bench=not a.no_bench)
-    rows = run_sweep(a.model, cfg, progress=not a.quiet)
-    if a.json:
-        _print_json(rows)
-    else:
-        print(format_table(rows))
-    return 0
-
-
-def cmd_demo(a) -> int:
-    a.recipe = None
-    a.model = "smollm2-135m"
-    print("slimlm demo: the embedded SmolLM2-135M with several RTN recipes, each evaluated against the "
-          "reference on the built-in evaluation split. Note: 4-bit groups of 32 reproduce this model exactly "
-          "(its weights lie on a Q4_1 grid of blocks of 32), so that row flatters RTN.", file=sys.stderr)
-    return cmd_sweep(a)
-
-
-def _add_eval_flags(p, default_max=True):
+def add_eval_flags(p, default_max=True):
     from slimlm.eval.run import DEFAULT_MAX_TOKENS
 
     p.add_argument("--text", metavar="FILE", help="evaluate on this UTF-8 text file instead of the built-in evaluation split")
@@ -181,7 +162,7 @@ def _add_eval_flags(p, default_max=True):
                    help=f"evaluate at most this many tokens, 0 for all (default {DEFAULT_MAX_TOKENS})")
 
 
-def _add_calib_flags(p):
+def add_calib_flags(p):
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: the built-in calibration split)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens for methods that need them (default 16384)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
@@ -195,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"slimlm {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    src_help = "smollm2-135m (the embedded model), an HF directory, a .gguf file, or a slimlm directory"
+    src_help = SOURCE_HELP
 
     c = sub.add_parser("compress", help="compress a model with a recipe and save it",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -206,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the source to this dtype first (the embedded model loads as float32)")
-    _add_calib_flags(c)
+    add_calib_flags(c)
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 against a reference, task accuracy, size")
     e.add_argument("model", help=src_help)
     e.add_argument("--reference", help="the uncompressed model to compare against (KL, top-1)")
-    _add_eval_flags(e)
+    add_eval_flags(e)
     e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("bench", help="prefill and decode tokens/s, peak memory, size")
@@ -239,18 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="recipe, per-layer formats and bits, size")
     i.add_argument("model", help=src_help)
     i.set_defaults(fn=cmd_info)
-
-    for name, fn, hlp in (("sweep", cmd_sweep, "compress with several recipes, evaluate and benchmark each, print a table"),
-                          ("demo", cmd_demo, "the sweep of RTN recipes on the embedded model (what `make demo` runs)")):
-        s = sub.add_parser(name, help=hlp)
-        if name == "sweep":
-            s.add_argument("model", help=src_help)
-            s.add_argument("--recipe", action="append", help="a recipe to include (repeatable; default: the demo list)")
-        s.add_argument("--out", default=f"out/{name}", help="where the compressed models are saved")
-        s.add_argument("--no-bench", action="store_true", help="skip the decode-speed measurement")
-        _add_eval_flags(s)
-        _add_calib_flags(s)
-        s.set_defaults(fn=fn)
 
     from slimlm.commands import register_all
 

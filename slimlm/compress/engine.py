@@ -26,7 +26,7 @@ from slimlm.compress.recipe import Recipe
 from slimlm.data import Split, calibration_windows, resolve_text
 from slimlm.errors import SlimlmError
 from slimlm.formats.linear import CompressedLinear, replace_linear
-from slimlm.methods import LayerStats
+from slimlm.methods import Kind, LayerStats
 from slimlm.models.loaded import LoadedModel
 
 
@@ -77,10 +77,13 @@ def plan_layers(lm: LoadedModel, recipe: Recipe) -> dict[str, list]:
 
 
 def compress_layer(weight: torch.Tensor, stages: list, stats: LayerStats):
+    """Run a layer's stages in order (composition rules in slimlm.methods.registry)."""
     packed = None
     for st in stages:
-        packed = st.spec.fn(weight, stats, st.config)
-        stats.prev = packed
+        new = st.spec.fn(weight, stats, st.config)
+        if st.spec.kind is not Kind.ENCODE and packed is not None and hasattr(packed, "absorb"):
+            new = packed.absorb(new)
+        packed = stats.prev = new
         weight = packed.dequantize()
     return packed
 
@@ -123,7 +126,7 @@ def compress_model(
             collected = {full: col.stats(full) for full in todo.values()}
         for local, full in todo.items():
             lin = block.get_submodule(local)
-            stats = LayerStats(name=full, seed=seed, **collected.get(full, {}))
+            stats = LayerStats(name=full, seed=seed, dtype=lin.weight.dtype, **collected.get(full, {}))
             packed = compress_layer(lin.weight.detach().float(), plan[full], stats)
             method = "+".join(st.method for st in plan[full])
             replace_linear(block, local, CompressedLinear(packed, bias=lin.bias, method=method))

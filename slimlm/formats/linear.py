@@ -1,7 +1,9 @@
 """`CompressedLinear`: the nn.Module that holds one packed weight in place of an nn.Linear.
 
 The forward pass computes with `packed.dequantize()` — the format's reference — cached
-after the first call (`cache=True`) so repeated forwards cost one matmul. The packed
+after the first call so repeated forwards cost one matmul, unless the format sets
+`cache_decoded = False` (decode just before use, e.g. block-level decompression of an
+entropy-coded format) or the module is built with `cache=False`. The packed
 tensors are not registered as parameters or buffers: they are saved by
 `slimlm.formats.store`, and the module's `state_dict` holds only the bias.
 """
@@ -16,12 +18,12 @@ from slimlm.formats.base import Packed, bits_per_weight
 
 
 class CompressedLinear(nn.Module):
-    def __init__(self, packed: Packed, bias: torch.Tensor | None = None, method: str = "", cache: bool = True):
+    def __init__(self, packed: Packed, bias: torch.Tensor | None = None, method: str = "", cache: bool | None = None):
         super().__init__()
         self.packed = packed
         self.out_features, self.in_features = packed.shape
         self.method = method
-        self.cache = cache
+        self.cache = getattr(packed, "cache_decoded", True) if cache is None else cache
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._weight: torch.Tensor | None = None
 

@@ -100,7 +100,7 @@ def save_compressed(lm: LoadedModel, dest: str | Path, overwrite: bool = False) 
     return dest
 
 
-def load_compressed(path: str | Path, cache: bool = True) -> LoadedModel:
+def load_compressed(path: str | Path, cache: bool | None = None) -> LoadedModel:
     """Rebuild a compressed model from its directory; logits equal the saved model's bit for bit."""
     from accelerate import init_empty_weights
     from safetensors import safe_open

@@ -6,9 +6,17 @@ A method is a frozen config dataclass plus one function registered by name:
     def rtn(weight, stats, config) -> Packed: ...
 
 `weight` is the (out, in) float32 matrix to compress; `stats` carries the calibration
-statistics the method declared in `needs` ("hessian", "act_norm") and the packed
-result of an earlier stage on the same layer, if any; the return value is a packed
-format. `check(config, shape)` may refuse a layer before any work starts.
+statistics the method declared in `needs` ("hessian", "act_norm", "inputs"), the
+source dtype of the weight, and the packed result of an earlier stage on the same
+layer (`stats.prev`), if any; the return value is a packed format.
+`check(config, shape)` may refuse a layer before any work starts.
+
+Composition (see `slimlm.compress.engine.compress_layer`): stages run in recipe order,
+each on the weight the stage before left (its dequantized result). An ENCODE stage
+wraps `stats.prev` itself (e.g. entropy coding of integer codes). For other stages,
+when the previous result has a method `absorb(packed) -> Packed` (e.g. a sparse
+format taking the quantized values of its kept weights), the engine keeps
+`prev.absorb(new)`; otherwise the new result replaces the old.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ class Kind(str, Enum):
     QUANTIZE = "quantize"  # produces the stored format of a layer
     PRUNE = "prune"  # removes weights; a later quantize stage packs what is kept
     TRANSFORM = "transform"  # changes the weights (e.g. scaling) before quantization
+    ENCODE = "encode"  # codes the packed result of the stage before losslessly (stats.prev)
 
 
 @dataclass
@@ -47,6 +56,7 @@ class LayerStats:
     inputs: torch.Tensor | None = None
     n_tokens: int = 0
     prev: typing.Any = None  # the Packed result of an earlier stage on this layer
+    dtype: torch.dtype = torch.float32  # the layer's weight dtype in the source model
     seed: int = 0
 
 
