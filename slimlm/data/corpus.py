@@ -1,14 +1,18 @@
 """Text sources: the built-in corpus and user text files.
 
 The built-in corpus is the Python reference documentation that ships with every
-CPython (`pydoc_data.topics`, 79 topics, ~465 kB, ~113 k SmolLM2 tokens). It is split
-into a calibration part and an evaluation part by a hash of each document's *text*,
-so the split is deterministic, identical texts always fall on the same side, and the
-two parts never share a document. About a quarter of the documents are evaluation.
+CPython (`pydoc_data.topics`, 79 topics, ~465 kB, ~113 k SmolLM2 tokens). Topics
+repeat each other's paragraphs (the "assignment" topic contains the whole
+"augmented assignment" text, for one), so splitting topics alone would leak
+evaluation text into calibration. Topics that share any paragraph of 80 characters or
+more are joined into one group; groups are ordered by a hash of their topic keys and
+taken into the evaluation part while it stays within a quarter of the corpus; the
+rest is calibration. The split is deterministic and the parts share no paragraph.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from enum import Enum
@@ -16,7 +20,8 @@ from pathlib import Path
 
 from slimlm.errors import SlimlmError
 
-EVAL_PERCENT = 25  # share of documents (by hash bucket) held out for evaluation
+EVAL_SHARE = 0.25  # at most this share of the corpus (in characters) is held out for evaluation
+MIN_SHARED = 80  # paragraphs at least this long tie their topics to the same side of the split
 
 
 class Split(str, Enum):
@@ -30,9 +35,43 @@ class Document:
     key: str
     text: str
 
-    @property
-    def bucket(self) -> int:
-        return int.from_bytes(hashlib.sha256(self.text.encode()).digest()[:4], "little") % 100
+
+def paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.split("\n\n") if len(p.strip()) >= MIN_SHARED]
+
+
+@functools.lru_cache(maxsize=1)
+def _evaluation_keys() -> frozenset:
+    from pydoc_data.topics import topics
+
+    keys = sorted(k for k in topics if topics[k].strip())
+    parent = {k: k for k in keys}
+
+    def root(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    first_seen = {}
+    for k in keys:  # union topics that share a paragraph
+        for p in paragraphs(topics[k]):
+            if p in first_seen:
+                parent[root(k)] = root(first_seen[p])
+            else:
+                first_seen[p] = k
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(root(k), []).append(k)
+    order = sorted(groups.values(), key=lambda g: hashlib.sha256("|".join(g).encode()).hexdigest())
+    budget = EVAL_SHARE * sum(len(topics[k]) for k in keys)
+    chosen, size = set(), 0
+    for g in order:
+        n = sum(len(topics[k]) for k in g)
+        if size + n <= budget:
+            chosen.update(g)
+            size += n
+    return frozenset(chosen)
 
 
 def builtin_documents(split: Split | str = Split.ALL) -> list[Document]:
@@ -41,11 +80,10 @@ def builtin_documents(split: Split | str = Split.ALL) -> list[Document]:
 
     split = Split(split)
     docs = [Document(k, topics[k]) for k in sorted(topics) if topics[k].strip()]
-    if split is Split.EVALUATION:
-        return [d for d in docs if d.bucket < EVAL_PERCENT]
-    if split is Split.CALIBRATION:
-        return [d for d in docs if d.bucket >= EVAL_PERCENT]
-    return docs
+    if split is Split.ALL:
+        return docs
+    ev = _evaluation_keys()
+    return [d for d in docs if (d.key in ev) == (split is Split.EVALUATION)]
 
 
 def read_text_file(path: str | Path) -> str:
