@@ -2,22 +2,31 @@
 
     import slimlm
     lm = slimlm.load("smollm2-135m")          # or an HF directory, a .gguf file, a slimlm directory
-    cm = slimlm.compress(lm, "rtn:bits=4,group=64")
-    cm.save("out/w4")
+    slimlm.compress_model(lm, "rtn:bits=4,group=64")
+    slimlm.save(lm, "out/w4")
+
+The names below are imported on first use, so `import slimlm` (and `slimlm --help`) stays fast.
 """
 
 __version__ = "0.1.0"
 
 from slimlm.errors import SlimlmError  # noqa: E402
-from slimlm.loading import load  # noqa: E402
-from slimlm.models import LoadedModel  # noqa: E402
+
+_LAZY = {
+    "compress_model": ("slimlm.compress.engine", "compress_model"),
+    "save": ("slimlm.formats.store", "save_compressed"),
+    "load": ("slimlm.loading", "load"),
+    "LoadedModel": ("slimlm.models.loaded", "LoadedModel"),
+}
 
 
-def compress(model, recipe, **kwargs):
-    """Compress a loaded model with a recipe (a `Recipe` or its one-line form); see `slimlm.compress.engine`."""
-    from slimlm.compress.engine import compress_model
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-    return compress_model(model, recipe, **kwargs)
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'slimlm' has no attribute {name!r}")
 
 
-__all__ = ["LoadedModel", "SlimlmError", "compress", "load", "__version__"]
+__all__ = ["LoadedModel", "SlimlmError", "compress_model", "load", "save", "__version__"]

@@ -8,6 +8,7 @@ slimlm (data, compression, evaluation, save/load) can run in seconds.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -18,6 +19,24 @@ _TOKENIZER_VOCAB = 384
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
+    """The tokenizer's JSON, trained once and kept in the slimlm cache directory."""
+    from slimlm.models.sources import cache_dir
+
+    cached = cache_dir() / f"tiny-tokenizer-v1-{_TOKENIZER_VOCAB}.json"
+    if cached.is_file():
+        return cached.read_text()
+    text = _train_tokenizer()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return text
+
+
+def _train_tokenizer() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from slimlm.data.corpus import builtin_documents
@@ -31,7 +50,7 @@ def _tokenizer_json() -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    docs = [d.text for d in builtin_documents()][:20]
+    docs = [d.text for d in builtin_documents()][:8]  # ~30 kB: enough merges for a 384-token vocabulary
     tok.train_from_iterator(docs, trainer)
     return tok.to_str()
 
