@@ -1,0 +1,192 @@
+import pytest
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.vq import Codebook, VectorQuant, index_bits, pack_indices, unpack_indices
+from slimlm.methods import LayerStats, get_method, make_config
+from slimlm.methods._kmeans import layer_loss
+from slimlm.methods.affine import quantize_rtn
+from slimlm.methods.vq import VQConfig, role_of, vector_quantize
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _hessian(inp, seed=0, n=2048):
+    g = _gen(seed)
+    mix = torch.randn(inp, inp, generator=g) / inp ** 0.5 + torch.eye(inp)
+    x = (torch.randn(n, inp, generator=g) @ mix) * torch.linspace(0.1, 3, inp)
+    return (x.T @ x / n).double()
+
+
+# ---- index packing and the format ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 9, 12, 16])
+@pytest.mark.parametrize("n", [1, 5, 1001])
+def test_index_packing_round_trips_in_exact_bytes(bits, n):
+    idx = torch.randint(0, 1 << bits, (n,), generator=_gen(bits * n))
+    packed = pack_indices(idx, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n * bits // 8)
+    assert torch.equal(unpack_indices(packed, bits, n), idx)
+
+
+def test_index_layout_is_a_little_endian_stream():
+    # 12-bit indices 0xABC, 0x123: stream bytes 0xBC, 0x3A, 0x12
+    assert pack_indices(torch.tensor([0xABC, 0x123]), 12).tolist() == [0xBC, 0x3A, 0x12]
+    assert index_bits(4096) == 12 and index_bits(4097) == 13 and index_bits(2) == 1
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+@pytest.mark.parametrize("dim,inp", [(4, 32), (6, 64), (8, 20)])
+def test_vq_is_scaled_codebook_rows_and_counts_every_bit(dtype, dim, inp):
+    g = _gen(dim + inp)
+    out, k = 5, 64
+    book = Codebook.from_float(torch.randn(k, dim, generator=g), dtype)
+    nv = -(-inp // dim)
+    idx = torch.randint(0, k, (out, nv), generator=g)
+    scales = torch.rand(out, generator=g).half()
+    p = VectorQuant.from_indices(idx, scales, book, inp)
+    want = (book.decoded()[idx].reshape(out, -1)[:, :inp]) * scales.float()[:, None]
+    assert torch.equal(p.dequantize(), want) and p.shape == (out, inp)
+    book_bits = k * dim * (16 if dtype == "fp16" else 8) + (16 * dim if dtype == "int8" else 0)
+    assert book.nbits() == book_bits
+    assert p.nbits() == 8 * -(-out * nv * 6 // 8) + 16 * out + book_bits
+    meta, tensors = p.to_state()
+    assert p.nbits() == sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+    q = VectorQuant.from_state(meta, tensors)
+    assert torch.equal(q.dequantize(), p.dequantize()) and q.nbits() == p.nbits()
+    # a layer sharing the codebook stores and counts none of it
+    other = VectorQuant.from_indices(idx.flip(0), scales, book, inp, owner=False)
+    meta2, tensors2 = other.to_state()
+    assert set(tensors2) == {"indices", "scales"} and other.nbits() == p.nbits() - book_bits
+    assert torch.equal(VectorQuant.from_state(meta2, tensors2).dequantize(), other.dequantize())
+
+
+def test_shared_codebook_needs_its_owner_and_corruption_is_refused():
+    book = Codebook.from_float(torch.randn(16, 4, generator=_gen(1)) + 100)  # bytes no other test makes
+    p = VectorQuant.from_indices(torch.zeros(3, 2, dtype=torch.long), torch.ones(3).half(), book, 8, owner=False)
+    meta, tensors = p.to_state()
+    del book, p
+    with pytest.raises(SlimlmError, match="earlier layer"):
+        VectorQuant.from_state(meta, tensors)
+    owner = VectorQuant.from_indices(torch.zeros(3, 2, dtype=torch.long), torch.ones(3).half(),
+                                     Codebook.from_float(torch.randn(16, 4)), 8)
+    m, t = owner.to_state()
+    with pytest.raises(SlimlmError, match="corrupt"):
+        VectorQuant.from_state(m, {**t, "codebook": t["codebook"] + 1})
+    with pytest.raises(SlimlmError, match="bytes"):
+        VectorQuant.from_state(m, {**t, "indices": t["indices"][:-1]})
+    with pytest.raises(SlimlmError, match="incomplete"):
+        VectorQuant.from_state(m, {"indices": t["indices"]})
+
+
+# ---- the method ---------------------------------------------------------------------------------
+
+
+def test_without_feedback_each_vector_takes_the_weighted_nearest_entry():
+    w = torch.randn(12, 30, generator=_gen(2))
+    h = _hessian(30)
+    cfg = VQConfig(bits=2, dim=4, share="none", feedback=False, iters=3)
+    p = vector_quantize(w, h, cfg)
+    cb, s = p.codebook.decoded(), p.scales.float()
+    # brute force over every entry, with the scales the codes were chosen under (row RMS)
+    s0 = w.pow(2).mean(1).sqrt().half().float()
+    x = torch.cat([w / s0[:, None], torch.zeros(12, 2)], 1).view(12, 8, 4)
+    d = torch.cat([torch.diag(h).float(), torch.zeros(2)]).view(8, 4)
+    dist = (d[None, :, None, :] * (x[:, :, None, :] - cb[None, None]) ** 2).sum(-1)  # (out, V, k)
+    best = dist.min(-1).values
+    got = dist.gather(-1, p.int_indices()[..., None]).squeeze(-1)
+    assert torch.allclose(got, best, rtol=1e-5, atol=1e-6)
+    assert s.shape == (12,)
+
+
+def test_feedback_lowers_the_layer_loss_and_beats_scalar_rtn():
+    h = _hessian(96, seed=3)
+    w = torch.randn(128, 96, generator=_gen(4)) * 0.02
+    cfg = VQConfig(bits=2, dim=4, share="none", iters=10)
+    plain = vector_quantize(w, h, VQConfig(bits=2, dim=4, share="none", iters=10, feedback=False))
+    fb = vector_quantize(w, h, cfg)
+    rtn = quantize_rtn(w, 2, 32)  # 3 bits per weight
+    assert layer_loss(w, fb.dequantize(), h) < layer_loss(w, plain.dequantize(), h)
+    assert layer_loss(w, fb.dequantize(), h) < layer_loss(w, rtn.dequantize(), h)
+    assert fb.nbits() - fb.codebook.nbits() < rtn.nbits()  # with the codebook shared by other layers
+
+
+def test_vq_is_deterministic_with_a_seed():
+    w, h = torch.randn(16, 32, generator=_gen(5)), _hessian(32)
+    cfg = VQConfig(bits=2, dim=4, share="none", iters=3)
+    a, b = vector_quantize(w, h, cfg, seed=1), vector_quantize(w, h, cfg, seed=1)
+    assert torch.equal(a.dequantize(), b.dequantize()) and a.codebook.id == b.codebook.id
+
+
+def test_role_of_strips_the_block_index():
+    assert role_of("model.layers.12.mlp.up_proj") == "model.layers.*.mlp.up_proj"
+    assert role_of("model.layers.3.self_attn.q_proj") == role_of("model.layers.0.self_attn.q_proj")
+
+
+def _run(names, options, weights):
+    spec = get_method("vq")
+    cfg = make_config(spec, options)
+    return [spec.fn(w, LayerStats(name=n, hessian=_hessian(w.shape[1], i)), cfg)
+            for i, (n, w) in enumerate(zip(names, weights))]
+
+
+def test_layers_of_one_role_share_one_codebook_counted_once():
+    ws = [torch.randn(8, 16, generator=_gen(i)) for i in range(4)]
+    names = ["m.layers.0.q", "m.layers.0.k", "m.layers.1.q", "m.layers.1.k"]
+    opts = {"bits": "2", "dim": "4", "iters": "2"}
+    packed = _run(names, opts, ws)
+    q0, k0, q1, k1 = packed
+    assert q0.owner and k0.owner and not q1.owner and not k1.owner
+    assert q1.codebook is q0.codebook and k1.codebook is k0.codebook and q0.codebook is not k0.codebook
+    book = q0.codebook.nbits()
+    assert sum(p.nbits() for p in packed) == 2 * book + sum(p.nbits() - (book if p.owner else 0) for p in packed)
+    # the same model compressed again: the repeated names start new codebooks
+    again = _run(names[:1], opts, ws[:1])[0]
+    assert again.owner
+    # one codebook for all, or one per layer
+    assert [p.owner for p in _run(names, {**opts, "share": "all"}, ws)] == [True, False, False, False]
+    assert all(p.owner for p in _run(names, {**opts, "share": "none"}, ws))
+
+
+@pytest.mark.parametrize("out,inp", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
+def test_default_bits_per_weight_over_a_role_of_30_layers(out, inp):
+    # the defaults' index and scale cost from a real layer, the codebook (4096 × 6 fp16) counted once per role
+    cfg = VQConfig()
+    nbits_layer = 8 * -(-out * -(-inp // cfg.dim) * 12 // 8) + 16 * out
+    bpw = (30 * nbits_layer + 4096 * 6 * 16) / (30 * out * inp)
+    assert bpw <= 2.3
+
+
+def test_check_refuses_a_per_layer_codebook_larger_than_the_layer():
+    spec = get_method("vq")
+    with pytest.raises(SlimlmError, match="exceeds"):
+        spec.check(make_config(spec, {"share": "none"}), (16, 16))
+    with pytest.raises(SlimlmError):
+        VQConfig(bits=3, dim=8)
+
+
+def test_tiny_model_end_to_end_with_shared_codebooks(tiny, tmp_path):
+    from slimlm.compress import CalibrationConfig, compress_model
+    from slimlm.formats.store import load_compressed, save_compressed
+
+    ids = tiny.tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    compress_model(tiny, "vq:bits=2,dim=4,iters=4", CalibrationConfig(n_windows=2, seq_len=32), progress=False)
+    with torch.no_grad():
+        got = tiny.model(ids).logits
+    assert torch.isfinite(got).all()
+    save_compressed(tiny, tmp_path / "m")
+    back = load_compressed(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, got)
+    layers = back.manifest["layers"]
+    owners = [n for n, e in layers.items() if e["meta"]["owner"]]
+    roles = {role_of(n) for n in layers}
+    assert len(owners) == len(roles) == 7 and all(".0." in n for n in owners)
+    # the bits counted are the bytes stored: each codebook once
+    from safetensors.torch import load_file
+
+    stored = sum(t.numel() * t.element_size() * 8 for t in load_file(str(tmp_path / "m" / "packed.safetensors")).values())
+    assert stored == sum(e["nbits"] for e in layers.values())
