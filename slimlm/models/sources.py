@@ -187,6 +187,8 @@ def save_hf_dir(model, tokenizer, dest: Path, save_model=None) -> None:
     """
     if save_model is None:
         from safetensors.torch import save_model
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (dest / "config.json").write_text(json.dumps(config, indent=2, default=str))
