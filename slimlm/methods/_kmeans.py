@@ -61,9 +61,9 @@ def kmeans_pp(x: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator) -> t
     c[0] = x[torch.randint(0, n, (1,), generator=g)]
     best = (w * (x - c[0]) ** 2).sum(1)  # (n,)
     for i in range(1, k):
-        total = best.sum()
-        if total > 0:
-            j = torch.multinomial(best / total, 1, generator=g)
+        cdf = best.cumsum(0)
+        if cdf[-1] > 0:  # inverse-CDF draw (cheaper than multinomial at this size)
+            j = torch.searchsorted(cdf, torch.rand(1, generator=g) * cdf[-1]).clamp(max=n - 1)
         else:  # fewer distinct points than centroids: duplicates are harmless
             j = torch.randint(0, n, (1,), generator=g)
         c[i] = x[j]
@@ -115,14 +115,14 @@ def grouped_kmeans_1d(x: torch.Tensor, w: torch.Tensor | None, k: int, iters: in
     return levels, codes, history
 
 
-def nearest_level(x: torch.Tensor, levels: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    """Index of the nearest of `levels` (G, k) for every x (G, n); ties go to the lower index.
-
-    A (G, n, k) broadcast compare, in chunks of columns (batched `searchsorted` is slower)."""
-    G, n = x.shape
-    step = max(1, chunk // max(1, G * levels.shape[1]))
-    out = [(x[:, i:i + step, None] - levels[:, None, :]).abs().argmin(-1) for i in range(0, n, step)]
-    return torch.cat(out, 1)
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted `levels` (G, k) for every x (G, n); a tie goes to
+    the lower level. Counts the midpoints below x: `searchsorted` for many x per group,
+    one broadcast compare for a single column (cheaper at that size)."""
+    mid = (levels[:, 1:] + levels[:, :-1]) / 2  # (G, k-1)
+    if x.shape[1] == 1:
+        return (x > mid).sum(1, keepdim=True)
+    return torch.searchsorted(mid.contiguous(), x.contiguous())
 
 
 # ---- error feedback -----------------------------------------------------------------------------

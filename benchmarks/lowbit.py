@@ -1,0 +1,101 @@
+"""Below 3 bits: quality versus bits per weight on the embedded model.
+
+Compresses SmolLM2-135M with each recipe, evaluates it against the reference on the
+built-in evaluation split (perplexity, KL, top-1; DESIGN.md's protocol) and appends one
+JSON line per recipe to `--out` as soon as it is done (a long run loses nothing when
+interrupted). `--plot` draws every JSON-lines file given into one PNG: perplexity
+ratio against bits per weight, one line per method.
+
+    .venv/bin/python benchmarks/lowbit.py --out benchmarks/out/lowbit.jsonl 'vq:bits=2' 'kmeans:bits=3'
+    .venv/bin/python benchmarks/lowbit.py --plot benchmarks/lowbit.png benchmarks/out/lowbit*.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def run(recipes: list[str], out: Path, windows: int, eval_tokens: int, save: str | None) -> None:
+    from slimlm.compress import CalibrationConfig, Recipe, compress_model
+    from slimlm.eval.run import EvalConfig, evaluate
+    from slimlm.formats.store import load_compressed, save_compressed
+    from slimlm.loading import load
+
+    parsed = [Recipe.load(r) for r in recipes]  # every recipe checked before any work
+    ref = load("smollm2-135m")
+    ecfg = EvalConfig(max_tokens=eval_tokens)
+    base = evaluate(ref, ecfg, progress=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(dict(recipe="reference", bpw=base["bpw"], ppl=base["ppl"], ratio=1.0, kl=0.0, top1=1.0,
+                                tokens=base["tokens"], date=str(datetime.date.today()))) + "\n")
+    for recipe in parsed:
+        lm = copy.copy(ref)
+        lm.model = copy.deepcopy(ref.model)
+        t0 = time.perf_counter()
+        compress_model(lm, recipe, CalibrationConfig(n_windows=windows), progress=False)
+        secs = time.perf_counter() - t0
+        if save:  # check the saved directory gives the same model, and size it
+            path = Path(save) / recipe.to_string().replace(":", "_").replace(",", "_")
+            save_compressed(lm, path, overwrite=True)
+            lm = load_compressed(path)
+        r = evaluate(lm, ecfg, reference=ref, path=path if save else None, progress=False)
+        row = dict(recipe=recipe.to_string(), bpw=r["bpw"], ppl=r["ppl"], ratio=r["ppl"] / base["ppl"], kl=r["kl"],
+                   top1=r["top1"], tokens=r["tokens"], size_bytes=r["size_bytes"], compress_s=round(secs, 1),
+                   calib_windows=windows, threads=torch.get_num_threads(), date=str(datetime.date.today()))
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        del lm
+
+
+def plot(png: Path, files: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
+    by_method: dict[str, list] = {}
+    for r in rows:
+        if r["recipe"] != "reference":
+            by_method.setdefault(r["recipe"].split(":")[0], []).append((r["bpw"], r["ratio"], r["recipe"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(2.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("bits per weight (block linears, all overheads)")
+    ax.set_ylabel("perplexity ÷ reference (log)")
+    ax.set_title("SmolLM2-135M: quality versus bits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipes", nargs="*")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/lowbit.jsonl"))
+    ap.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--save", help="save each model under this directory and evaluate the reloaded copy")
+    ap.add_argument("--plot", type=Path, help="draw the JSON-lines files given as arguments into this PNG")
+    a = ap.parse_args()
+    if a.plot:
+        plot(a.plot, a.recipes)
+    else:
+        run(a.recipes, a.out, a.windows, a.eval_tokens, a.save)
+
+
+if __name__ == "__main__":
+    main()
