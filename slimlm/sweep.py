@@ -51,7 +51,8 @@ class SweepConfig:
     bench_decode_tokens: int = 32
     bench_runs: int = 2
     keep_models: bool = False  # keep each compressed model directory under out_dir/models
-    time_budget_s: float | None = None  # start no new recipe after this many seconds (in-process only)
+    time_budget_s: float | None = None  # start no new recipe after this many seconds (in-process only;
+    # the reference row always runs)
     ray_address: str | None = None
     seed: int = 0
 
@@ -208,7 +209,8 @@ def run_sweep(source: str, cfg: SweepConfig = SweepConfig(), progress: bool = Tr
         t0 = time.perf_counter()
         reference = load(source)
         for i, (key, recipe) in enumerate(todo):
-            if cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s:
+            over = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
+            if over and recipe != REFERENCE:  # the reference always runs: every ratio needs it
                 result.skipped = [r for _, r in todo[i:]]
                 break
             bar.set_postfix_str(recipe[:40])

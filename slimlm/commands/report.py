@@ -16,7 +16,7 @@ def cmd_report(a) -> int:
         return 0
     print(format_table(sweep["rows"]))
     for f in fits:
-        print(f"\nfit ({f['budget_desc']}): {f['verdict']}\n  {f['recipe']}")
+        print(f"\nfit ({f['budget_desc']}): {f['verdict']}\n  {f['row']['recipe']}")
     print(f"\nreport: {page}")
     return 0
 

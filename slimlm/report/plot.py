@@ -10,21 +10,23 @@ import io
 
 from slimlm.report.pareto import pareto_front
 
-_KIND_COLORS = {}  # method name -> colour, assigned in order of appearance
-
-
-def _color(method: str):
+def _palette(rows) -> dict:
+    """Method combination -> colour, the same in both panels."""
     import matplotlib
 
-    palette = matplotlib.colormaps["tab10"].colors
-    return _KIND_COLORS.setdefault(method, palette[len(_KIND_COLORS) % len(palette)])
+    colors = matplotlib.colormaps["tab10"].colors
+    names = dict.fromkeys(_method(r) for r in rows)
+    return {m: colors[i % len(colors)] for i, m in enumerate(names)}
 
 
-def _panel(ax, rows, x, xlabel, maximize_x, fit_rows):
+def _method(row) -> str:
+    return "+".join(row.get("methods") or []) or "reference"
+
+
+def _panel(ax, rows, x, xlabel, maximize_x, fit_rows, colors):
     pts = [r for r in rows if x in r and "ratio" in r and (r["recipe"] != "none" or x == "decode_tps")]
     for r in pts:
-        method = "+".join(r.get("methods") or []) or "reference"
-        ax.scatter(r[x], r["ratio"], color=_color(method), s=28, zorder=3, label=method)
+        ax.scatter(r[x], r["ratio"], color=colors[_method(r)], s=28, zorder=3, label=_method(r))
     front = pareto_front([r[x] for r in pts], [r["ratio"] for r in pts], maximize_x)
     if front:
         ax.plot([pts[i][x] for i in front], [pts[i]["ratio"] for i in front], color="0.3", lw=1, zorder=2,
@@ -48,7 +50,7 @@ def _panel(ax, rows, x, xlabel, maximize_x, fit_rows):
     ax.grid(True, which="both", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one legend entry per method
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
 
 
 def pareto_png(rows: list[dict], fit_rows: list[dict] = (), title: str = "") -> bytes:
@@ -60,9 +62,10 @@ def pareto_png(rows: list[dict], fit_rows: list[dict] = (), title: str = "") -> 
 
     have_speed = any("decode_tps" in r for r in rows)
     fig, axes = plt.subplots(1, 2 if have_speed else 1, figsize=(12 if have_speed else 6.5, 4.8), squeeze=False)
-    _panel(axes[0, 0], rows, "bpw", "bits per weight (block linears)", False, fit_rows)
+    colors = _palette(rows)
+    _panel(axes[0, 0], rows, "bpw", "bits per weight (block linears)", False, fit_rows, colors)
     if have_speed:
-        _panel(axes[0, 1], rows, "decode_tps", "decode tokens/s (higher is better)", True, fit_rows)
+        _panel(axes[0, 1], rows, "decode_tps", "decode tokens/s (higher is better)", True, fit_rows, colors)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
