@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -121,34 +122,50 @@ def decode_table(lengths: np.ndarray) -> np.ndarray:
 # ---- encode ------------------------------------------------------------------------------------
 
 
-def encode(symbols: np.ndarray, chunk: int = 256, alphabet: int = 256) -> Coded:
-    """Huffman-code a 1-D sequence of symbols in [0, alphabet) with its own code table."""
-    if not 1 <= chunk <= MAX_CHUNK:
-        raise ValueError(f"chunk must be in 1..{MAX_CHUNK}, got {chunk}")
-    sym = np.ascontiguousarray(symbols).reshape(-1).astype(np.int64)
-    n = sym.size
-    counts = np.bincount(sym, minlength=alphabet)
-    if counts.size > alphabet:
-        raise ValueError(f"symbols exceed the alphabet of {alphabet}")
-    lengths = code_lengths(counts)
-    ln = lengths.astype(np.int64)[sym]  # (n,) bits per symbol
-    code = canonical_codes(lengths)[sym]
+def _pack_numpy(code: np.ndarray, ln: np.ndarray, nbytes: int) -> np.ndarray:
+    """Reference bit writer: codes (n,) of lengths ln (n,), MSB first, into nbytes bytes."""
     end = np.cumsum(ln)
-    total = int(end[-1]) if n else 0
     start = end - ln
     # A code of <= 12 bits starting at bit offset start & 7 lies inside 3 bytes: place it
     # left-aligned in a 24-bit window and add each window byte into its stream byte (codes
     # never overlap, so the sums are ORs). bincount sums in float64, exact for bytes.
     win = code << (24 - ln - (start & 7))
     byte = start >> 3
-    nbytes = (total + 7) // 8
     stream = np.zeros(nbytes + 2, dtype=np.int64)
     for k, shift in enumerate((16, 8, 0)):
         stream += np.bincount(byte + k, weights=(win >> shift) & 0xFF, minlength=nbytes + 2).astype(np.int64)[: nbytes + 2]
+    return stream[:nbytes].astype(np.uint8)
+
+
+def encode(symbols: np.ndarray, chunk: int = 256, alphabet: int = 256, use_kernel: bool = True) -> Coded:
+    """Huffman-code a 1-D sequence of symbols in [0, alphabet) with its own code table."""
+    if not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk must be in 1..{MAX_CHUNK}, got {chunk}")
+    sym = np.ascontiguousarray(symbols).reshape(-1)
+    if sym.dtype != np.uint8:
+        if sym.size and (sym.min() < 0 or sym.max() >= alphabet):
+            raise ValueError(f"symbols exceed the alphabet of {alphabet}")
+        sym = sym.astype(np.uint8)
+    n = sym.size
+    counts = np.bincount(sym, minlength=alphabet)
+    if counts.size > alphabet:
+        raise ValueError(f"symbols exceed the alphabet of {alphabet}")
+    lengths = code_lengths(counts)
+    codes = canonical_codes(lengths)
+    ln = lengths[sym]  # (n,) uint8 bits per symbol
     starts = np.arange(0, n, chunk)
-    chunk_bits = np.add.reduceat(ln, starts) if n else np.zeros(0, np.int64)
+    chunk_bits = np.add.reduceat(ln, starts, dtype=np.int64) if n else np.zeros(0, np.int64)
+    nbytes = (int(chunk_bits.sum()) + 7) // 8
+    k = _kernel() if use_kernel else None
+    if k is not None:
+        stream = np.zeros(nbytes + 8, dtype=np.uint8)
+        table = np.ascontiguousarray(codes, dtype=np.uint32)
+        k.encode(sym.ctypes.data, n, table.ctypes.data, lengths.ctypes.data, stream.ctypes.data)
+        stream = stream[:nbytes]
+    else:
+        stream = _pack_numpy(codes[sym], ln.astype(np.int64), nbytes)
     return Coded(n=n, chunk=chunk, lengths=lengths[: int(np.nonzero(counts)[0].max()) + 1] if n else lengths[:0],
-                 stream=stream[:nbytes].astype(np.uint8), chunk_bits=chunk_bits.astype(np.uint16))
+                 stream=stream, chunk_bits=chunk_bits.astype(np.uint16))
 
 
 # ---- decode ------------------------------------------------------------------------------------
@@ -241,13 +258,29 @@ void slimlm_huffman_decode(const uint8_t *stream, int64_t nbytes, const int64_t 
         ends[c] = (k == count) ? (int64_t)pos : -1;
     }
 }
+
+/* Write the codes of n symbols MSB first into out (zeroed, room for every byte plus 8). */
+void slimlm_huffman_encode(const uint8_t *sym, int64_t n, const uint32_t *codes, const uint8_t *lengths,
+                           uint8_t *out) {
+    uint64_t acc = 0;  /* pending bits, the oldest highest */
+    int bits = 0;
+    for (int64_t i = 0; i < n; i++) {
+        acc = (acc << lengths[sym[i]]) | codes[sym[i]];
+        bits += lengths[sym[i]];
+        while (bits >= 8) {
+            bits -= 8;
+            *out++ = (uint8_t)(acc >> bits);
+        }
+    }
+    if (bits) *out = (uint8_t)(acc << (8 - bits));
+}
 """
 PARALLEL_MIN = 1 << 18  # symbols below which one thread decodes (starting threads costs more)
 
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    """The C decoder, compiled once per machine into the user cache; None where no C
+    """The C coder (decode, encode), compiled once per machine into the user cache; None where no C
     compiler is found (the numpy reference decoder is used then)."""
     if os.environ.get("SLIMLM_ENTROPY_KERNEL", "1") == "0":
         return None
@@ -265,13 +298,14 @@ def _kernel():
                 subprocess.run([cc, "-O3", "-shared", "-fPIC", str(c_file), "-o", str(so)],
                                check=True, capture_output=True, timeout=120)
                 os.replace(so, lib)
-        fn = ctypes.CDLL(str(lib)).slimlm_huffman_decode
+        so = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, p, i64, i64, i64, i64, i64, p, p, p]
-    fn.restype = None
-    return fn
+    so.slimlm_huffman_decode.argtypes = [p, i64, p, i64, i64, i64, i64, i64, p, p, p]
+    so.slimlm_huffman_encode.argtypes = [p, i64, p, p, p]
+    so.slimlm_huffman_decode.restype = so.slimlm_huffman_encode.restype = None
+    return SimpleNamespace(decode=so.slimlm_huffman_decode, encode=so.slimlm_huffman_encode)
 
 
 @functools.lru_cache(maxsize=1)
@@ -312,15 +346,15 @@ def decode(c: Coded, use_kernel: bool = True, threads: int | None = None) -> np.
         return np.zeros(0, dtype=np.uint8)
     table = decode_table(c.lengths)
     bounds = _chunk_starts(c)
-    fn = _kernel() if use_kernel else None
-    if fn is None:
+    k = _kernel() if use_kernel else None
+    if k is None:
         out, ends = _decode_numpy(c, table, bounds)
     else:
         if threads is None:
             import torch
 
             threads = torch.get_num_threads()
-        out, ends = _decode_kernel(fn, c, table, bounds, max(1, threads))
+        out, ends = _decode_kernel(k.decode, c, table, bounds, max(1, threads))
     if not np.array_equal(ends, bounds[1:]):
         bad = int(np.nonzero(ends != bounds[1:])[0][0])
         raise SlimlmError(f"coded chunk {bad} does not end where the chunk table says; the coded weights are corrupt")

@@ -131,12 +131,13 @@ class LosslessFloat:
                               f"of shape {tuple(weight.shape)}")
         e, m, int_dtype = FLOAT_FIELDS[dtype]
         width = 1 + e + m
-        x = _np(weight.view(int_dtype)).reshape(-1).astype(np.int64) & ((1 << width) - 1)  # (n,) the bit patterns
-        exponent = (x >> m) & ((1 << e) - 1)
+        unsigned = np.uint16 if width == 16 else np.uint32
+        x = _np(weight.view(int_dtype)).reshape(-1).view(unsigned)  # (n,) the bit patterns
+        exponent = ((x >> m) & ((1 << e) - 1)).astype(np.uint8)
         raw = ((x >> (width - 1)) << m) | (x & ((1 << m) - 1))  # sign above the mantissa, r = m + 1 bits
         planes, hi_bits = divmod(m + 1, 8)
-        raw_planes = np.stack([(raw >> (8 * j)) & 0xFF for j in range(planes)]).astype(np.uint8)
-        raw_hi = bitpack.pack(torch.from_numpy(raw >> (8 * planes)), hi_bits) if hi_bits else None
+        raw_planes = np.stack([(raw >> (8 * j)).astype(np.uint8) for j in range(planes)])  # astype keeps the low byte
+        raw_hi = bitpack.pack(torch.from_numpy((raw >> (8 * planes)).astype(np.uint8)), hi_bits) if hi_bits else None
         coded = _entropy.encode(exponent, chunk=chunk, alphabet=1 << e)
         out, inp = weight.shape
         fields = dict(out_features=out, in_features=inp, dtype=dtype, chunk=chunk, **_coded_tensors(coded),
@@ -147,18 +148,30 @@ class LosslessFloat:
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    def _exponents(self) -> np.ndarray:
+        n = self.out_features * self.in_features
+        return _entropy.decode(_coded(n, self.chunk, self.lengths, self.stream, self.chunk_bits))
+
+    def _bfloat16_bits(self, wide: bool) -> np.ndarray:
+        """bf16 bit patterns (uint16), or with `wide` the float32 ones (uint32, bf16 << 16):
+        exponent shifted into place, OR a table lookup of the sign+mantissa byte."""
+        unsigned = np.uint32 if wide else np.uint16
+        shift = 16 if wide else 0
+        byte = np.arange(256, dtype=unsigned)
+        lut = ((byte & 0x80) << (8 + shift)) | ((byte & 0x7F) << shift)
+        bits = self._exponents().astype(unsigned)
+        bits <<= 7 + shift
+        bits |= lut[_np(self.raw)[0]]
+        return bits
+
     def decode_native(self) -> torch.Tensor:
         """The (out, in) weight in its own dtype, bit for bit as it was coded."""
         e, m, int_dtype = FLOAT_FIELDS[self.dtype]
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(self._bfloat16_bits(False).view(np.int16)).view(torch.bfloat16).view(self.shape)
         n = self.out_features * self.in_features
-        exponent = _entropy.decode(_coded(n, self.chunk, self.lengths, self.stream, self.chunk_bits))
+        exponent = self._exponents()
         raw = _np(self.raw)
-        if self.dtype == "bfloat16":  # the common case, 4 passes: sign+mantissa byte -> bf16 bits via a table
-            lut = ((np.arange(256, dtype=np.uint16) & 0x80) << 8) | (np.arange(256, dtype=np.uint16) & 0x7F)
-            bits = exponent.astype(np.uint16)
-            bits <<= 7
-            bits |= lut[raw[0]]
-            return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).view(self.shape)
         r = sum(raw[j].astype(np.uint32) << np.uint32(8 * j) for j in range(raw.shape[0]))
         if self.raw_hi is not None:
             hi_bits = (m + 1) % 8
@@ -169,6 +182,8 @@ class LosslessFloat:
         return torch.from_numpy(native).view(getattr(torch, self.dtype)).view(self.shape)
 
     def dequantize(self) -> torch.Tensor:
+        if self.dtype == "bfloat16":  # straight to float32 bits: widening bf16 is a 16-bit shift
+            return torch.from_numpy(self._bfloat16_bits(True).view(np.float32)).view(self.shape)
         return self.decode_native().float()
 
     def nbits(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from slimlm.errors import SlimlmError
@@ -44,8 +45,23 @@ def lossless(weight, stats, config: LosslessConfig):
     dtype = str(stats.dtype).removeprefix("torch.")
     if dtype not in FLOAT_FIELDS:
         raise SlimlmError(f"layer {stats.name} has dtype {dtype}; lossless coding takes {', '.join(FLOAT_FIELDS)}")
-    native = weight.to(stats.dtype)
-    if not torch.equal(native.float(), weight.float()):  # the engine widens exactly; anything else is a bug upstream
-        raise SlimlmError(f"layer {stats.name}: the weight is not exactly representable in {dtype}; "
+    return LosslessFloat.encode(_native(weight, stats.dtype, stats.name), chunk=config.chunk)
+
+
+def _native(weight: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """The float32 `weight` back in its source dtype, refused unless that is exact (the engine
+    widens bf16/fp16 weights exactly; anything else means the weights were changed upstream)."""
+    weight = weight.float().contiguous()
+    if dtype == torch.float32:
+        return weight
+    if dtype == torch.bfloat16:  # bf16 is the top half of fp32: exact iff the low 16 bits are 0
+        bits = weight.numpy().view(np.uint32)
+        exact = not (bits & 0xFFFF).any()
+        native = torch.from_numpy((bits >> 16).astype(np.uint16).view(np.int16)).view(torch.bfloat16)
+    else:
+        native = weight.to(dtype)
+        exact = torch.equal(native.float(), weight)
+    if not exact:
+        raise SlimlmError(f"layer {name}: the weight is not exactly representable in {str(dtype).removeprefix('torch.')}; "
                           "lossless coding needs the source weights unchanged")
-    return LosslessFloat.encode(native, chunk=config.chunk)
+    return native
