@@ -68,6 +68,7 @@ class SweepResult:
     rows: list[dict]  # the reference first, then one per recipe, in recipe order
     computed: int = 0  # rows computed in this call (the others came from the store)
     skipped: list[str] = field(default_factory=list)  # recipes not started (time budget)
+    crashed: list[str] = field(default_factory=list)  # recipes that raised an unexpected error (not stored)
 
 
 # ---- keys: what a stored row depends on --------------------------------------------------------
@@ -214,11 +215,15 @@ def run_sweep(source: str, cfg: SweepConfig = SweepConfig(), progress: bool = Tr
                 result.skipped = [r for _, r in todo[i:]]
                 break
             bar.set_postfix_str(recipe[:40])
-            rows[key] = run_recipe(reference, recipe, cfg, key)
-            store.put(key, rows[key])
+            try:
+                rows[key] = run_recipe(reference, recipe, cfg, key)
+                store.put(key, rows[key])
+            except Exception as e:  # a bug in one method must not end the sweep: shown, not stored, retried next time
+                rows[key] = {"recipe": recipe, "key": key, "error": f"crashed ({type(e).__name__}: {e})"}
+                result.crashed.append(recipe)
             bar.update(1)
     bar.close()
-    result.computed = sum(1 for k, _ in todo if k in rows)
+    result.computed = sum(1 for k, r in todo if k in rows and r not in result.crashed)
     result.rows = [rows[k] for k in keys if k in rows]
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.out_dir) / "sweep.json", {"model": source, "rows": result.rows,

@@ -27,7 +27,7 @@ def cfg_for(out, recipes, **kw):
                        bench=False, **kw)
 
 
-INTERRUPT = {"on": False, "calls": 0}
+INTERRUPT = {"on": False, "crash": False, "calls": 0}
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,12 @@ def fake_method():
         INTERRUPT["calls"] += 1
         if INTERRUPT["on"]:
             raise KeyboardInterrupt
+        if INTERRUPT["crash"]:
+            raise RuntimeError("a bug in the method")
         return quantize_rtn(weight, config.bits, 32)
 
     register("faketest", FakeConfig)(fake)
-    INTERRUPT.update(on=False, calls=0)
+    INTERRUPT.update(on=False, crash=False, calls=0)
     yield "faketest"
     METHODS.pop("faketest")
 
@@ -120,6 +122,16 @@ def test_resume_after_interruption_gives_the_same_table(tiny_dir, tmp_path, fake
     stored = json.loads((tmp_path / "a" / "sweep.json").read_text())
     assert [r["recipe"] for r in stored["rows"]] == [r["recipe"] for r in again.rows]
     assert not (tmp_path / "a" / "models").exists() or not any((tmp_path / "a" / "models").iterdir())
+
+
+def test_a_crashing_method_is_shown_not_stored_and_retried(tiny_dir, tmp_path, fake_method):
+    INTERRUPT["crash"] = True
+    res = run_sweep(str(tiny_dir), cfg_for(tmp_path, ["faketest:bits=3", "rtn:bits=4,group=32"]), progress=False)
+    assert res.crashed == ["faketest:bits=3"] and res.computed == 2
+    assert "crashed (RuntimeError: a bug in the method)" in res.rows[1]["error"] and "ppl" in res.rows[2]
+    INTERRUPT["crash"] = False
+    again = run_sweep(str(tiny_dir), cfg_for(tmp_path, ["faketest:bits=3", "rtn:bits=4,group=32"]), progress=False)
+    assert again.computed == 1 and "error" not in again.rows[1]
 
 
 def test_time_budget_stops_starting_recipes(tiny_dir, tmp_path):

@@ -8,8 +8,18 @@ from slimlm.cli import SOURCE_HELP, add_calib_flags, add_eval_flags, calib_confi
 
 DEMO_MAX_TOKENS = 4096  # evaluation tokens per model in the demo (8 windows of 512)
 DEMO_CALIB_TOKENS = 4096  # calibration tokens for methods that need them in the demo
-DEMO_SWEEP_BUDGET_S = 540  # the demo starts no new sweep recipe after 9 minutes
+DEMO_SWEEP_BUDGET_S = 480  # the demo starts no new sweep recipe after 8 minutes (the fit follows)
 DEMO_FIT_BPW = 3.5  # the demo's fit budget: the bits per weight of uniform RTN 3-bit, groups of 64
+
+
+def demo_fit_config(bpw, eval_cfg, calibration, out_dir, methods=("rtn",)):
+    """The demo's fit: RTN candidates, statistics on 4 windows of 256 tokens, gains on the first."""
+    from slimlm.fit.budget import Budget
+    from slimlm.fit.run import FitConfig
+    from slimlm.fit.sensitivity import SensitivityConfig
+
+    return FitConfig(budget=Budget(max_bpw=bpw), methods=tuple(methods), eval=eval_cfg, calibration=calibration,
+                     sensitivity=SensitivityConfig(n_windows=4, seq_len=256, kl_windows=1), out_dir=out_dir)
 
 
 def read_recipes_file(path: str) -> list[str]:
@@ -76,10 +86,8 @@ def cmd_sweep(a) -> int:
 def cmd_demo(a) -> int:
     from pathlib import Path
 
-    from slimlm.fit.budget import Budget
     from slimlm.fit.presets import demo_presets
-    from slimlm.fit.run import FitConfig, run_fit
-    from slimlm.fit.sensitivity import SensitivityConfig
+    from slimlm.fit.run import run_fit
     from slimlm.sweep import run_sweep
 
     model = "smollm2-135m"
@@ -89,9 +97,7 @@ def cmd_demo(a) -> int:
           f"{DEMO_FIT_BPW} bits per weight (the size of uniform 3-bit RTN, groups of 64). Re-running resumes.",
           file=sys.stderr)
     result = run_sweep(model, _sweep_config(a, recipes), progress=not a.quiet)
-    fit_cfg = FitConfig(budget=Budget(max_bpw=DEMO_FIT_BPW), methods=("rtn",), eval=eval_config(a),
-                        calibration=calib_config(a), sensitivity=SensitivityConfig(n_windows=2, kl_windows=1),
-                        out_dir=str(Path(a.out) / "fit"))
+    fit_cfg = demo_fit_config(DEMO_FIT_BPW, eval_config(a), calib_config(a), str(Path(a.out) / "fit"))
     fit = run_fit(model, fit_cfg, progress=not a.quiet)
     print(f"fit to {DEMO_FIT_BPW} bpw: {fit.verdict}", file=sys.stderr)
     _print(a, result)
