@@ -88,9 +88,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/lowbit.jsonl"))
     ap.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens")
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--save", help="save each model under this directory and evaluate the reloaded copy")
     ap.add_argument("--plot", type=Path, help="draw the JSON-lines files given as arguments into this PNG")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.plot:
         plot(a.plot, a.recipes)
     else:

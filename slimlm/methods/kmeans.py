@@ -45,6 +45,7 @@ class KMeansConfig:
     act_order: bool = True  # columns in order of decreasing Hessian diagonal (free for palettes)
     damp: float = 0.01  # Hessian damping, fraction of the mean diagonal
     iters: int = 20  # Lloyd iterations
+    refit: int = 1  # rounds of least-squares level refit + feedback re-assignment (with feedback only)
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
@@ -53,6 +54,8 @@ class KMeansConfig:
             raise SlimlmError(f"rows per table must be ≥ 0 (0 = one table per tensor), got {self.rows}")
         if not 0 <= self.damp < 10:
             raise SlimlmError(f"damp must be a small non-negative fraction such as 0.01, got {self.damp}")
+        if not 0 <= self.refit <= 10:
+            raise SlimlmError(f"refit rounds must be in 0..10, got {self.refit}")
         if not 0 <= self.iters <= 1000:
             raise SlimlmError(f"iters must be in 0..1000, got {self.iters}")
 
@@ -72,6 +75,30 @@ def palette_tables(w: torch.Tensor, importance: torch.Tensor | None, bits: int, 
         wts[out:] = 0
     levels, _, _ = grouped_kmeans_1d(pts.reshape(t, rows * inp), wts.reshape(t, rows * inp), 1 << bits, iters)
     return levels.half().float().sort(1).values
+
+
+def refit_levels(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, lut: torch.Tensor):
+    """Levels minimising tr((W − Q) H (W − Q)ᵀ) for fixed codes: per table the K×K normal
+    equations (Σ_r A_rᵀ H A_r) L = Σ_r A_rᵀ H w_r, A_r the (in, K) one-hot codes of row r.
+
+    w (out, in), h (in, in), codes (out, in) int64, table (out,) table of each row, lut (T, K).
+    Returns (levels (T, K) fp16-rounded and sorted, codes renumbered to match)."""
+    out, inp = w.shape
+    t, k = lut.shape
+    hf = h.float()
+    onehot = torch.nn.functional.one_hot(codes, k).float()  # (out, in, K)
+    h_a = (hf @ onehot.permute(1, 0, 2).reshape(inp, out * k)).view(inp, out, k)  # H A_r for every row
+    gram = torch.einsum("rik,irl->rkl", onehot, h_a)  # (out, K, K)
+    rhs = torch.einsum("rik,ri->rk", onehot, w @ hf)  # (out, K)
+    gram_t = torch.zeros(t, k, k).index_add_(0, table, gram)
+    rhs_t = torch.zeros(t, k).index_add_(0, table, rhs)
+    ridge = 1e-6 * gram_t.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # unused levels keep their value
+    gram_t = gram_t + torch.diag_embed(ridge[:, None].expand(t, k))
+    rhs_t = rhs_t + ridge[:, None] * lut
+    levels = torch.linalg.solve(gram_t.double(), rhs_t.double()).float().clamp(-65504, 65504).half().float()
+    levels, order = levels.sort(1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(k).expand(t, k))  # old index -> new index
+    return levels, rank[table].gather(1, codes)
 
 
 def palettize(w: torch.Tensor, h: torch.Tensor | None, config: KMeansConfig) -> Palette:
@@ -97,10 +124,16 @@ def palettize(w: torch.Tensor, h: torch.Tensor | None, config: KMeansConfig) -> 
         def quant(cols, first, uss):  # cols (out, 1): the nearest level of each row's table
             return row_levels.gather(1, nearest_level(cols, row_levels))
 
-        qp = feedback_quantize(wp, u, 1, quant)
-        q = torch.empty_like(qp)
-        q[:, perm] = qp
-        codes = nearest_level(q, row_levels)  # q holds table levels exactly: recovers the indices
+        for rnd in range(1 + config.refit):
+            if rnd:  # levels refit to the codes by least squares, then the codes again with feedback
+                lut, _ = refit_levels(w, h, codes, table, lut)
+                row_levels = lut[table]
+            qp = feedback_quantize(wp, u, 1, quant)
+            q = torch.empty_like(qp)
+            q[:, perm] = qp
+            codes = nearest_level(q, row_levels)  # q holds table levels exactly: recovers the indices
+        if config.refit:  # a last refit for the final codes
+            lut, codes = refit_levels(w, h, codes, table, lut)
     return Palette.from_codes(codes.to(torch.uint8), lut, config.bits, rows)
 
 

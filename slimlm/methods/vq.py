@@ -56,9 +56,9 @@ class CodebookDtype(str, Enum):
 class VQConfig:
     SHOWN = ("bits", "dim")
     bits: int = 2  # index bits per weight: k = 2^(bits·dim)
-    dim: int = 6  # vector length along the input dimension
+    dim: int = 4  # vector length along the input dimension
     k: int = 0  # codebook size; 0 = 2^(bits·dim)
-    share: Share = Share.ROLE
+    share: Share = Share.NONE
     codebook: CodebookDtype = CodebookDtype.FP16
     feedback: bool = True  # GPTQ error feedback while assigning
     act_order: bool = True  # visit vectors by decreasing Hessian mass
