@@ -3,18 +3,21 @@ quantized, and a few sensitive weights kept exact in fp16.
 
 Per layer (H ∝ XᵀX, U the upper Cholesky factor of the damped H⁻¹, as in GPTQ):
 
-1. the sensitivity of weight (r, c) rounded to ŵ is (w − ŵ)² / U[c, c]² — the increase of
-   the layer objective GPTQ attributes to it; a pre-pass rounding every weight sets the
-   outlier threshold τ at the quantile that leaves `outliers` × numel weights above it;
+1. sensitivity: weight (r, c) rounded to ŵ adds (w − ŵ)² / U[c, c]² to the objective (the
+   GPTQ view); the leave-one-out criterion asks how much a group's summed sensitivity
+   drops when one weight is left out of the group's range (and kept exact). A pre-pass over
+   the original weights sets both thresholds — on that reduction and on the per-weight
+   sensitivity after it — at the quantiles that leave `outliers` × numel weights above;
 2. first-level statistics: for each group of `group` input columns, each row gets an
-   affine range (scale, min) from its weights, recomputed with the weights above τ left out
-   (they would stretch the range for everyone); the (out,) scales and minimums of a column
-   group are then quantized to `stat_bits` in groups of `stat_group` rows with fp16
-   second-level scale and minimum — the codes are chosen for the quantized statistics;
+   affine range (scale, min) from its weights without the leave-one-out candidates (with
+   `clip`, shrunk to minimise the sensitivity-weighted error of the rest); the (out,)
+   scales and minimums of a column group are then quantized to `stat_bits` in groups of
+   `stat_group` rows with fp16 second-level scale and minimum — and the codes are chosen
+   for the quantized statistics;
 3. the GPTQ column loop (act-order with statistics from the original weights, or natural
    order with each group's statistics set when the loop reaches it): a weight whose
-   sensitivity still exceeds τ becomes an outlier — stored in fp16, so almost no error
-   flows on — while the budget of `outliers` × numel lasts.
+   sensitivity still exceeds the threshold becomes an outlier — stored in fp16, so almost
+   no error flows on — while the budget of `outliers` × numel lasts.
 
 Stored as `SpQRQuant`; bits per weight = bits + 2·stat_bits/group + 64/(group·stat_group)
 + 48 × outlier share. Defaults (group 16, 3-bit statistics in groups of 64 rows, at most
@@ -83,33 +86,59 @@ def _quantize_stats(v: torch.Tensor, stat_bits: int, stat_group: int):
     return q, s, m, decode_affine(q, s, m, stat_group).T
 
 
+def _range_error(wg, lo, hi, wt, maxq):
+    """Σ wt·(w − ŵ)² per group for ranges lo..hi (out, G); wg (out, G, k), wt broadcastable to it."""
+    s = ((hi - lo) / maxq).clamp(min=1e-12).unsqueeze(-1)
+    q = torch.round((wg - lo.unsqueeze(-1)) / s).clamp(0, maxq)
+    return ((q * s + lo.unsqueeze(-1) - wg) ** 2 * wt).sum(-1)
+
+
+def loo_reduction(wg: torch.Tensor, hdg: torch.Tensor, valid: torch.Tensor, bits: int) -> torch.Tensor:
+    """(out, G, k): how much a group's weighted rounding error Σ hd·(w − ŵ)² drops when weight i
+    is left out of the group's range (and kept exact) — SpQR's leave-one-out criterion.
+    wg (out, G, k) grouped weights, hdg (G, k) weights, valid (G, k) False on padding."""
+    maxq = (1 << bits) - 1
+    inf = torch.tensor(float("inf"))
+    wt = hdg * valid
+
+    def err(mask):  # mask (G, k): the weights that set the range and count
+        lo = torch.where(mask, wg, inf).amin(-1)
+        hi = torch.where(mask, wg, -inf).amax(-1)
+        return _range_error(wg, lo, hi, wt * mask, maxq)
+
+    base = err(valid)  # (out, G)
+    red = torch.empty_like(wg)
+    for i in range(wg.shape[-1]):
+        m = valid.clone()
+        m[:, i] = False
+        red[..., i] = base - err(m)
+    return torch.where(torch.isfinite(red) & valid, red, -inf)
+
+
 def first_level_stats(w: torch.Tensor, group: int, hd: torch.Tensor, tau: float, bits: int,
                       stat_bits: int, stat_group: int, clip: bool = True) -> _Stats:
-    """Statistics for the column groups of `w` (out, in): per-row min/max, recomputed without
-    the weights whose sensitivity (w − ŵ)²·hd[c] exceeds `tau` (with `clip`, each range then
-    shrunk to minimise the sensitivity-weighted error of the others), then quantized (second
-    level). hd (in,) = 1 / U[c, c]²."""
+    """Statistics for the column groups of `w` (out, in): per-row min/max of the weights whose
+    leave-one-out reduction is at most `tau` (the others are left to be outliers; with `clip`,
+    each range is then shrunk to minimise the weighted error of the kept weights), then
+    quantized (second level). hd (in,) = 1 / U[c, c]² weights each column's error."""
     maxq = (1 << bits) - 1
+    inp = w.shape[1]
     wg = _grouped(w, group)  # (out, G, group)
     hdg = _grouped(hd.unsqueeze(0), group)[0]  # (G, group)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    s = ((hi - lo) / maxq).clamp(min=1e-12)
-    q = torch.round((wg - lo.unsqueeze(-1)) / s.unsqueeze(-1)).clamp(0, maxq)
-    sens = (q * s.unsqueeze(-1) + lo.unsqueeze(-1) - wg) ** 2 * hdg
-    out_mask = sens > tau
-    keep_all = out_mask.all(-1, keepdim=True)  # a group of outliers only: use its full range
-    out_mask = out_mask & ~keep_all
+    valid = (torch.arange(wg.shape[1] * group) < inp).view(-1, group)  # (G, group): False on padding
+    keep = valid.expand_as(wg)
+    if tau != float("inf"):
+        keep = keep & ~(loo_reduction(wg, hdg, valid, bits) > tau)
+        keep = torch.where(keep.any(-1, keepdim=True), keep, valid.expand_as(wg))  # never an empty range
     inf = torch.tensor(float("inf"))
-    lo = torch.where(out_mask, inf, wg).amin(-1)
-    hi = torch.where(out_mask, -inf, wg).amax(-1)
-    if clip:  # shrink each range to minimise the sensitivity-weighted error of the kept weights
+    lo = torch.where(keep, wg, inf).amin(-1)
+    hi = torch.where(keep, wg, -inf).amax(-1)
+    if clip:  # shrink each range to minimise the weighted error of the kept weights
         best, best_f = torch.full(lo.shape, float("inf")), torch.ones_like(lo)
-        kept = hdg * ~out_mask  # (out, G, group)
+        kept = hdg * keep  # (out, G, group)
         for k in range(CLIP_GRID + 1):
             f = 1.0 - 0.5 * k / CLIP_GRID
-            s = ((hi - lo) * f / maxq).clamp(min=1e-12).unsqueeze(-1)
-            q = torch.round((wg - lo.unsqueeze(-1) * f) / s).clamp(0, maxq)
-            e = ((q * s + lo.unsqueeze(-1) * f - wg) ** 2 * kept).sum(-1)
+            e = _range_error(wg, lo * f, hi * f, kept, maxq)
             better = e < best
             best, best_f = torch.where(better, e, best), torch.where(better, f, best_f)
         lo, hi = lo * best_f, hi * best_f
@@ -145,9 +174,13 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: SpQRConfig =
     hd[perm] = 1.0 / u.diagonal() ** 2  # (in,) in the natural order
 
     budget = int(cfg.outliers * out * inp)
-    tau = float("inf")
-    if budget:  # the threshold from a plain rounding of every weight
-        pre = first_level_stats(w, group, hd, float("inf"), cfg.bits, cfg.stat_bits, stat_group, cfg.clip)
+    tau_loo = tau = float("inf")
+    if budget:  # thresholds from a pre-pass over the original weights, sized to the budget
+        wg = _grouped(w, group)
+        valid = (torch.arange(wg.shape[1] * group) < inp).view(-1, group)
+        red = loo_reduction(wg, _grouped(hd.unsqueeze(0), group)[0], valid, cfg.bits).flatten()
+        tau_loo = max(float(torch.topk(red, min(budget, red.numel())).values[-1]), 0.0)
+        pre = first_level_stats(w, group, hd, tau_loo, cfg.bits, cfg.stat_bits, stat_group, cfg.clip)
         _, deq = _round(w, expand_groups(pre.scale, group, inp), expand_groups(pre.mins, group, inp), cfg.bits)
         sens = ((w - deq) ** 2 * hd).flatten()
         tau = float(torch.topk(sens, budget).values[-1])
@@ -161,7 +194,7 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: SpQRConfig =
     static = cfg.act_order or group >= inp
     cur = {}
     if static:
-        st = first_level_stats(w, group, hd, tau, cfg.bits, cfg.stat_bits, stat_group, cfg.clip)
+        st = pre if budget else first_level_stats(w, group, hd, tau_loo, cfg.bits, cfg.stat_bits, stat_group, cfg.clip)
 
     def quantize(j: int, cols: torch.Tensor) -> torch.Tensor:
         c = order[j]
@@ -171,7 +204,7 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: SpQRConfig =
         else:
             if j % group == 0:
                 width = min(group, cols.shape[1])
-                cur["st"] = first_level_stats(cols[:, :width], width, hd[j:j + width], tau, cfg.bits,
+                cur["st"] = first_level_stats(cols[:, :width], width, hd[j:j + width], tau_loo, cfg.bits,
                                               cfg.stat_bits, stat_group, cfg.clip)
                 parts.append(cur["st"])
             s, m = cur["st"].scale[:, 0], cur["st"].mins[:, 0]
