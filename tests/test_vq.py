@@ -136,7 +136,7 @@ def _run(names, options, weights):
 def test_layers_of_one_role_share_one_codebook_counted_once():
     ws = [torch.randn(8, 16, generator=_gen(i)) for i in range(4)]
     names = ["m.layers.0.q", "m.layers.0.k", "m.layers.1.q", "m.layers.1.k"]
-    opts = {"bits": "2", "dim": "4", "iters": "2"}
+    opts = {"bits": "2", "dim": "4", "iters": "2", "share": "role"}
     packed = _run(names, opts, ws)
     q0, k0, q1, k1 = packed
     assert q0.owner and k0.owner and not q1.owner and not k1.owner
@@ -152,12 +152,16 @@ def test_layers_of_one_role_share_one_codebook_counted_once():
 
 
 @pytest.mark.parametrize("out,inp", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
-def test_default_bits_per_weight_over_a_role_of_30_layers(out, inp):
-    # the defaults' index and scale cost from a real layer, the codebook (4096 × 6 fp16) counted once per role
+def test_default_bits_per_weight_on_the_embedded_shapes(out, inp):
+    # defaults: 8-bit indices per 4 weights, fp16 row scales, a 256 × 4 fp16 codebook per layer
     cfg = VQConfig()
-    nbits_layer = 8 * -(-out * -(-inp // cfg.dim) * 12 // 8) + 16 * out
-    bpw = (30 * nbits_layer + 4096 * 6 * 16) / (30 * out * inp)
-    assert bpw <= 2.3
+    book = Codebook.from_float(torch.randn(cfg.size, cfg.dim))
+    idx = torch.randint(0, cfg.size, (out, inp // cfg.dim))
+    p = VectorQuant.from_indices(idx, torch.ones(out).half(), book, inp)
+    assert p.nbits() == 8 * out * inp // 4 + 16 * out + 256 * 4 * 16
+    assert p.nbits() / (out * inp) <= 2.3
+    # with the codebook shared by a role's 30 layers: ≤ 2.04
+    assert (30 * (p.nbits() - book.nbits()) + book.nbits()) / (30 * out * inp) <= 2.04
 
 
 def test_check_refuses_a_per_layer_codebook_larger_than_the_layer():
@@ -173,7 +177,7 @@ def test_tiny_model_end_to_end_with_shared_codebooks(tiny, tmp_path):
     from slimlm.formats.store import load_compressed, save_compressed
 
     ids = tiny.tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
-    compress_model(tiny, "vq:bits=2,dim=4,iters=4", CalibrationConfig(n_windows=2, seq_len=32), progress=False)
+    compress_model(tiny, "vq:bits=2,share=role,iters=4", CalibrationConfig(n_windows=2, seq_len=32), progress=False)
     with torch.no_grad():
         got = tiny.model(ids).logits
     assert torch.isfinite(got).all()
