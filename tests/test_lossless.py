@@ -72,6 +72,14 @@ def test_kernel_and_reference_coders_agree():
     assert np.array_equal(c.stream, ref.stream) and np.array_equal(c.chunk_bits, ref.chunk_bits)
     for threads in (1, 2):
         assert np.array_equal(_entropy.decode(c, True, threads), _entropy.decode(c, False))
+    # the fused store: symbol placed into a word, OR a table lookup of a raw byte
+    raw = rng.integers(0, 256, size=sym.size).astype(np.uint8)
+    lut = rng.integers(0, 1 << 16, size=256).astype(np.uint32)
+    for dtype, shift in ((np.uint16, 7), (np.uint32, 23)):
+        place = _entropy.Place(raw=raw, lut=lut, shift=shift, dtype=dtype)
+        fused = _entropy.decode(c, True, 2, place)
+        assert fused.dtype == dtype and np.array_equal(fused, _entropy.decode(c, False, place=place))
+        assert np.array_equal(fused, place.apply(sym))
 
 
 # ---- corrupted streams -------------------------------------------------------------------------
@@ -159,7 +167,10 @@ def _adversarial(kind: str, dtype: torch.dtype, shape=(24, 40)) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kind", ["normal", "all_equal", "signed_zeros", "subnormal", "nan_inf", "random_bits"])
 @pytest.mark.parametrize("chunk", [16, 256])
-def test_float_round_trip_is_bit_exact(dtype, kind, chunk):
+@pytest.mark.parametrize("use_kernel", DECODERS)
+def test_float_round_trip_is_bit_exact(dtype, kind, chunk, use_kernel, monkeypatch):
+    if not use_kernel:
+        monkeypatch.setattr(_entropy, "_kernel", lambda: None)
     w = _adversarial(kind, dtype)
     p = LosslessFloat.encode(w, chunk=chunk)
     assert torch.equal(_bits(p.decode_native()), _bits(w))

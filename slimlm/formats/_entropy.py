@@ -220,12 +220,22 @@ static inline uint32_t peek(const uint8_t *stream, uint64_t pos) {
     return (uint32_t)((__builtin_bswap64(w) << (pos & 7)) >> (64 - L));
 }
 
+/* Store decoded symbol `sym` at index i: as a byte (mode 0), or placed into a 16-bit
+   (mode 1) or 32-bit (mode 2) word as (sym << shift) | lut[raw[i]]. */
+static inline __attribute__((always_inline)) void emit(int mode, void *out, int64_t i, uint32_t sym,
+                                                       const uint8_t *raw, const uint32_t *lut, int shift) {
+    if (mode == 0) ((uint8_t *)out)[i] = (uint8_t)sym;
+    else if (mode == 1) ((uint16_t *)out)[i] = (uint16_t)((sym << shift) | lut[raw[i]]);
+    else ((uint32_t *)out)[i] = (sym << shift) | lut[raw[i]];
+}
+
 /* Decode chunks [c0, c1) of a canonical Huffman stream (layout in _entropy.py); ends[c]
    gets the bit where chunk c stopped, or -1 where it would read past the stream. Full
    chunks go LANES at a time, interleaved, so their table lookups overlap in the CPU. */
-void slimlm_huffman_decode(const uint8_t *stream, int64_t nbytes, const int64_t *starts, int64_t c0,
-                           int64_t c1, int64_t n_chunks, int64_t chunk, int64_t n,
-                           const uint16_t *table, uint8_t *out, int64_t *ends) {
+static inline __attribute__((always_inline)) void decode_chunks(
+        int mode, const uint8_t *stream, int64_t nbytes, const int64_t *starts, int64_t c0, int64_t c1,
+        int64_t n_chunks, int64_t chunk, int64_t n, const uint16_t *table, void *out, int64_t *ends,
+        const uint8_t *raw, const uint32_t *lut, int shift) {
     uint64_t limit = (uint64_t)(nbytes - 8) * 8;  /* last bit position an 8-byte read may start at */
     int64_t full_end = (c1 == n_chunks && n %% chunk) ? c1 - 1 : c1;
     int64_t c = c0;
@@ -240,7 +250,7 @@ void slimlm_huffman_decode(const uint8_t *stream, int64_t nbytes, const int64_t 
         for (int64_t k = 0; k < chunk; k++) {
             for (int j = 0; j < LANES; j++) {
                 uint16_t e = table[peek(stream, pos[j])];
-                out[(c + j) * chunk + k] = (uint8_t)e;
+                emit(mode, out, (c + j) * chunk + k, e & 0xFF, raw, lut, shift);
                 pos[j] += e >> 8;
             }
         }
@@ -252,11 +262,20 @@ void slimlm_huffman_decode(const uint8_t *stream, int64_t nbytes, const int64_t 
         int64_t k = 0;
         for (; k < count && pos <= limit; k++) {
             uint16_t e = table[peek(stream, pos)];
-            out[c * chunk + k] = (uint8_t)e;
+            emit(mode, out, c * chunk + k, e & 0xFF, raw, lut, shift);
             pos += e >> 8;
         }
         ends[c] = (k == count) ? (int64_t)pos : -1;
     }
+}
+
+void slimlm_huffman_decode(int mode, const uint8_t *stream, int64_t nbytes, const int64_t *starts, int64_t c0,
+                           int64_t c1, int64_t n_chunks, int64_t chunk, int64_t n, const uint16_t *table,
+                           void *out, int64_t *ends, const uint8_t *raw, const uint32_t *lut, int shift) {
+    /* one specialised copy of the loop per output mode */
+    if (mode == 0) decode_chunks(0, stream, nbytes, starts, c0, c1, n_chunks, chunk, n, table, out, ends, raw, lut, shift);
+    else if (mode == 1) decode_chunks(1, stream, nbytes, starts, c0, c1, n_chunks, chunk, n, table, out, ends, raw, lut, shift);
+    else decode_chunks(2, stream, nbytes, starts, c0, c1, n_chunks, chunk, n, table, out, ends, raw, lut, shift);
 }
 
 /* Write the codes of n symbols MSB first into out (zeroed, room for every byte plus 8). */
@@ -302,7 +321,7 @@ def _kernel():
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    so.slimlm_huffman_decode.argtypes = [p, i64, p, i64, i64, i64, i64, i64, p, p, p]
+    so.slimlm_huffman_decode.argtypes = [ctypes.c_int, p, i64, p, i64, i64, i64, i64, i64, p, p, p, p, p, ctypes.c_int]
     so.slimlm_huffman_encode.argtypes = [p, i64, p, p, p]
     so.slimlm_huffman_decode.restype = so.slimlm_huffman_encode.restype = None
     return SimpleNamespace(decode=so.slimlm_huffman_decode, encode=so.slimlm_huffman_encode)
@@ -319,16 +338,43 @@ def kernel_available() -> bool:
     return _kernel() is not None
 
 
-def _decode_kernel(fn, c: Coded, table: np.ndarray, bounds: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Place:
+    """Decode into words instead of bytes: out[i] = (symbol[i] << shift) | lut[raw[i]], e.g. an
+    exponent put between the sign and mantissa bits that `lut` spreads from one raw byte."""
+
+    raw: np.ndarray  # uint8 (n,)
+    lut: np.ndarray  # uint32 (256,)
+    shift: int
+    dtype: type  # np.uint16 or np.uint32
+
+    def apply(self, symbols: np.ndarray) -> np.ndarray:  # the reference of the kernel's fused store
+        out = symbols.astype(self.dtype)
+        out <<= self.shift
+        out |= self.lut.astype(self.dtype)[self.raw]
+        return out
+
+
+def _decode_kernel(fn, c: Coded, table: np.ndarray, bounds: np.ndarray, threads: int,
+                   place: Place | None) -> tuple[np.ndarray, np.ndarray]:
     stream = np.concatenate([c.stream, np.zeros(8, np.uint8)])  # every 8-byte read stays inside
     starts = np.ascontiguousarray(bounds[:-1], dtype=np.int64)
-    out = np.empty(c.n, dtype=np.uint8)
     ends = np.empty(starts.size, dtype=np.int64)
     n_chunks = starts.size
+    if place is None:
+        mode, out, raw, lut = 0, np.empty(c.n, dtype=np.uint8), None, None
+    else:
+        mode = 1 if place.dtype == np.uint16 else 2
+        out = np.empty(c.n, dtype=place.dtype)
+        raw = np.ascontiguousarray(place.raw, dtype=np.uint8)
+        lut = np.ascontiguousarray(place.lut, dtype=np.uint32)
+        if raw.size != c.n:
+            raise ValueError(f"{raw.size} raw bytes for {c.n} symbols")
 
     def run(c0, c1):  # ctypes releases the GIL, so threads decode their chunks in parallel
-        fn(stream.ctypes.data, stream.size, starts.ctypes.data, c0, c1, n_chunks, c.chunk, c.n,
-           table.ctypes.data, out.ctypes.data, ends.ctypes.data)
+        fn(mode, stream.ctypes.data, stream.size, starts.ctypes.data, c0, c1, n_chunks, c.chunk, c.n,
+           table.ctypes.data, out.ctypes.data, ends.ctypes.data, None if raw is None else raw.ctypes.data,
+           None if lut is None else lut.ctypes.data, 0 if place is None else place.shift)
 
     threads = min(threads, n_chunks) if c.n >= PARALLEL_MIN else 1
     cuts = np.linspace(0, n_chunks, threads + 1).astype(np.int64)
@@ -339,22 +385,24 @@ def _decode_kernel(fn, c: Coded, table: np.ndarray, bounds: np.ndarray, threads:
     return out, ends
 
 
-def decode(c: Coded, use_kernel: bool = True, threads: int | None = None) -> np.ndarray:
-    """The n symbols (uint8) of `c`; raises SlimlmError when the stream is inconsistent.
-    `threads` (default: torch's intra-op thread count) split the chunks of the C kernel."""
+def decode(c: Coded, use_kernel: bool = True, threads: int | None = None, place: Place | None = None) -> np.ndarray:
+    """The n symbols (uint8) of `c`, or with `place` the words it describes (fused into the
+    kernel's store); raises SlimlmError when the stream is inconsistent. `threads`
+    (default: torch's intra-op thread count) split the chunks of the C kernel."""
     if c.n == 0:
-        return np.zeros(0, dtype=np.uint8)
+        return np.zeros(0, dtype=np.uint8 if place is None else place.dtype)
     table = decode_table(c.lengths)
     bounds = _chunk_starts(c)
     k = _kernel() if use_kernel else None
     if k is None:
         out, ends = _decode_numpy(c, table, bounds)
+        out = out if place is None else place.apply(out)
     else:
         if threads is None:
             import torch
 
             threads = torch.get_num_threads()
-        out, ends = _decode_kernel(k.decode, c, table, bounds, max(1, threads))
+        out, ends = _decode_kernel(k.decode, c, table, bounds, max(1, threads), place)
     if not np.array_equal(ends, bounds[1:]):
         bad = int(np.nonzero(ends != bounds[1:])[0][0])
         raise SlimlmError(f"coded chunk {bad} does not end where the chunk table says; the coded weights are corrupt")

@@ -148,21 +148,19 @@ class LosslessFloat:
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def _exponents(self) -> np.ndarray:
+    def _exponents(self, place: _entropy.Place | None = None) -> np.ndarray:
         n = self.out_features * self.in_features
-        return _entropy.decode(_coded(n, self.chunk, self.lengths, self.stream, self.chunk_bits))
+        return _entropy.decode(_coded(n, self.chunk, self.lengths, self.stream, self.chunk_bits), place=place)
 
     def _bfloat16_bits(self, wide: bool) -> np.ndarray:
         """bf16 bit patterns (uint16), or with `wide` the float32 ones (uint32, bf16 << 16):
-        exponent shifted into place, OR a table lookup of the sign+mantissa byte."""
-        unsigned = np.uint32 if wide else np.uint16
+        the exponent shifted into place, OR a table lookup of the sign+mantissa byte
+        (fused into the decoder's store)."""
         shift = 16 if wide else 0
-        byte = np.arange(256, dtype=unsigned)
+        byte = np.arange(256, dtype=np.uint32)
         lut = ((byte & 0x80) << (8 + shift)) | ((byte & 0x7F) << shift)
-        bits = self._exponents().astype(unsigned)
-        bits <<= 7 + shift
-        bits |= lut[_np(self.raw)[0]]
-        return bits
+        place = _entropy.Place(raw=_np(self.raw)[0], lut=lut, shift=7 + shift, dtype=np.uint32 if wide else np.uint16)
+        return self._exponents(place)
 
     def decode_native(self) -> torch.Tensor:
         """The (out, in) weight in its own dtype, bit for bit as it was coded."""
