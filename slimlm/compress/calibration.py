@@ -43,7 +43,7 @@ class BlockInputs:
             handle.remove()
         kwargs = {k: v for k, v in captured["kwargs"].items() if k != "hidden_states"}
         kwargs["use_cache"] = False
-        for key in ("past_key_values", "past_key_value"):
+        for key in ("past_key_values", "past_key_value", "cache"):
             if key in kwargs:
                 kwargs[key] = None
         self.kwargs = kwargs  # identical for every window: same length, batch 1
