@@ -8,6 +8,11 @@ ratio against bits per weight, one line per method.
 
     .venv/bin/python benchmarks/lowbit.py --out benchmarks/out/lowbit.jsonl 'vq:bits=2' 'kmeans:bits=3'
     .venv/bin/python benchmarks/lowbit.py --plot benchmarks/lowbit.png benchmarks/out/lowbit*.jsonl
+
+`--layer-blocks 3 28` instead compares recipes on single layers: each one-stage recipe
+compresses the q, k, gate and down projections of those blocks (Hessians from the
+calibration windows run through the uncompressed model), and the relative layer loss
+tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) is printed with the layer's bits per weight and the seconds.
 """
 
 from __future__ import annotations
@@ -56,6 +61,43 @@ def run(recipes: list[str], out: Path, windows: int, eval_tokens: int, save: str
         del lm
 
 
+def layer_losses(recipes: list[str], blocks: list[int], windows: int, out: Path) -> None:
+    from slimlm.compress import Recipe
+    from slimlm.compress.calibration import BlockInputs, StatsCollector
+    from slimlm.data import Split, calibration_windows, resolve_text
+    from slimlm.loading import load
+    from slimlm.methods import LayerStats
+    from slimlm.methods._kmeans import layer_loss
+
+    stages = [Recipe.load(r).stages[0] for r in recipes]
+    lm = load("smollm2-135m")
+    text, _ = resolve_text(None, Split.CALIBRATION)
+    model_blocks = lm.adapter.blocks(lm.model)
+    inputs = BlockInputs(lm.model, model_blocks[0], calibration_windows(lm.tokenizer, text, windows, 512, 0))
+    names = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
+    for b in range(max(blocks) + 1):
+        if b in blocks:
+            col = StatsCollector(model_blocks[b], {n: n for n in names}, True, True)
+            inputs.run(model_blocks[b])
+            col.remove()
+            for n in names:
+                st = col.stats(n)
+                w = model_blocks[b].get_submodule(n).weight.detach().float()
+                base = layer_loss(w, torch.zeros_like(w), st["hessian"])
+                for stage in stages:
+                    t0 = time.perf_counter()
+                    p = stage.spec.fn(w, LayerStats(name=f"model.layers.{b}.{n}", **st), stage.config)
+                    row = dict(block=b, layer=n, recipe=stage.to_string(), bpw=p.nbits() / w.numel(),
+                               rel_loss=layer_loss(w, p.dequantize(), st["hessian"]) / base,
+                               seconds=round(time.perf_counter() - t0, 2), calib_windows=windows,
+                               date=str(datetime.date.today()))
+                    with out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(json.dumps(row), flush=True)
+        if b < max(blocks):
+            inputs.advance(model_blocks[b])
+
+
 def plot(png: Path, files: list[str]) -> None:
     import matplotlib
 
@@ -90,12 +132,15 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--save", help="save each model under this directory and evaluate the reloaded copy")
+    ap.add_argument("--layer-blocks", type=int, nargs="+", help="compare recipes on the layers of these blocks")
     ap.add_argument("--plot", type=Path, help="draw the JSON-lines files given as arguments into this PNG")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.plot:
         plot(a.plot, a.recipes)
+    elif a.layer_blocks:
+        layer_losses(a.recipes, a.layer_blocks, a.windows, a.out)
     else:
         run(a.recipes, a.out, a.windows, a.eval_tokens, a.save)
 
