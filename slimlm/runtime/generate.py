@@ -1,20 +1,21 @@
-"""Token generation with a KV cache: greedy or sampled (temperature, top-k, top-p), seeded,
-streaming, with stop strings and the tokenizer's chat template.
+"""Token generation: greedy or sampled (temperature, top-k, top-p), seeded, streaming, with
+stop strings, the tokenizer's chat template, and KV-cache reuse across chat turns.
 
-A hand-written loop over the model's forward with a transformers `DynamicCache`:
-`model.generate` spends most of its time per token in logits processors, stopping
-criteria and bookkeeping around the forward (about 10 tokens/s on the embedded model
-on 2 cores, against ~40 for this loop; see benchmarks/RESULTS.md).
+Models of the Llama family run on the lean runtime (`slimlm.runtime.lean`: plain-PyTorch
+forward, preallocated KV cache, C kernels for packed weights); any other model falls back
+to a loop over the transformers forward with a `DynamicCache`.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.runtime.lean import LeanModel, RuntimeConfig, supports
 
 
 @dataclass(frozen=True)
@@ -37,31 +38,75 @@ class GenerationConfig:
             raise SlimlmError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
-def sample_next(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> int:
-    """One token id from (V,) logits."""
-    if cfg.temperature == 0:
-        return int(logits.argmax())
+def probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """The sampling distribution (V,) of (V,) logits under temperature, top-k and top-p (temperature > 0)."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
+    p = torch.softmax(logits, -1)
     if cfg.top_p < 1:
-        sp, idx = probs.sort(descending=True)
+        sp, idx = p.sort(descending=True)
         keep = sp.cumsum(0) - sp < cfg.top_p  # the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+        p = torch.zeros_like(p).scatter(0, idx[keep], sp[keep])
+        p = p / p.sum()
+    return p
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> int:
+    """One token id from (V,) logits."""
+    if cfg.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(probs(logits, cfg), 1, generator=gen))
+
+
+_LEAN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def lean_model(model, runtime: RuntimeConfig | None = None) -> LeanModel:
+    """The lean runtime of a transformers model, built once per (model, runtime) and kept while the model lives."""
+    runtime = runtime or RuntimeConfig()
+    per_model = _LEAN.setdefault(model, {})
+    if runtime not in per_model:
+        per_model[runtime] = LeanModel(model, runtime)
+    return per_model[runtime]
 
 
 @torch.inference_mode()
-def generate_ids(model, prompt_ids: list[int], cfg: GenerationConfig, eos_ids=(), on_prefill: Callable | None = None) -> Iterator[int]:
-    """Yield new token ids one by one until `max_new_tokens` or an end-of-sequence id."""
+def generate_ids(model, prompt_ids: list[int], cfg: GenerationConfig, eos_ids=(), on_prefill: Callable | None = None,
+                 runtime: RuntimeConfig | None = None) -> Iterator[int]:
+    """Yield new token ids one by one until `max_new_tokens` or an end-of-sequence id.
+
+    `model` is a transformers model (run on a fresh cache each call) or a `LeanModel`
+    (its cache is kept: a prompt that extends the previous conversation reuses it).
+    """
+    if isinstance(model, LeanModel):
+        lean = model
+    elif supports(model):
+        lean = lean_model(model, runtime)
+        lean.reset()
+    else:
+        yield from _generate_ids_transformers(model, prompt_ids, cfg, eos_ids, on_prefill)
+        return
+    gen = torch.Generator().manual_seed(cfg.seed)
+    logits = lean.prefill(list(prompt_ids))
+    if on_prefill is not None:
+        on_prefill()
+    for i in range(cfg.max_new_tokens):
+        tok = sample_next(logits, cfg, gen)
+        if tok in eos_ids:
+            return
+        yield tok
+        if i + 1 < cfg.max_new_tokens:
+            logits = lean.step(tok)
+
+
+def _generate_ids_transformers(model, prompt_ids, cfg, eos_ids, on_prefill) -> Iterator[int]:
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(cfg.seed)
     cache = DynamicCache()
-    ids = torch.tensor([prompt_ids])
-    logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+    logits = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits[0, -1]
     if on_prefill is not None:
         on_prefill()
     for _ in range(cfg.max_new_tokens):
@@ -72,25 +117,33 @@ def generate_ids(model, prompt_ids: list[int], cfg: GenerationConfig, eos_ids=()
         logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
 
 
-def chat_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+def chat_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
+    """Token ids of a prompt: a string, or a list of chat messages, through the chat template when asked."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer("".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
 
 
-def generate(lm, prompt: str, cfg: GenerationConfig = GenerationConfig(), chat: bool = True, on_text: Callable[[str], None] | None = None) -> str:
-    """Generate a reply to `prompt`; `on_text` receives each new piece of text as it is decoded."""
+def eos_ids(lm) -> set[int]:
     tok = lm.tokenizer
-    prompt_ids = chat_prompt(tok, prompt, chat)
-    eos = {i for i in (tok.eos_token_id, getattr(lm.model.config, "eos_token_id", None)) if isinstance(i, int)}
+    ids = (tok.eos_token_id, getattr(lm.model.config, "eos_token_id", None))
+    out = set()
+    for i in ids:
+        out.update(i if isinstance(i, (list, tuple)) else [i])
+    return {i for i in out if isinstance(i, int)}
+
+
+def stream_text(tokenizer, ids: Iterator[int], stop: tuple[str, ...], on_text: Callable[[str], None] | None) -> str:
+    """Decode `ids` as they come, hand each new piece of text to `on_text`, cut at the first stop string."""
     out_ids: list[int] = []
     text = ""
-    for t in generate_ids(lm.model, prompt_ids, cfg, eos_ids=eos):
+    for t in ids:
         out_ids.append(t)
-        new_text = tok.decode(out_ids, skip_special_tokens=True)
+        new_text = tokenizer.decode(out_ids, skip_special_tokens=True)
         piece, text = new_text[len(text):], new_text
-        hit = next((s for s in cfg.stop if s in text), None)
+        hit = next((s for s in stop if s in text), None)
         if hit is not None:
             cut = text.index(hit)
             if on_text and cut > len(text) - len(piece):
@@ -99,3 +152,32 @@ def generate(lm, prompt: str, cfg: GenerationConfig = GenerationConfig(), chat: 
         if on_text and piece:
             on_text(piece)
     return text
+
+
+def generate(lm, prompt: str, cfg: GenerationConfig = GenerationConfig(), chat: bool = True,
+             on_text: Callable[[str], None] | None = None, runtime: RuntimeConfig | None = None) -> str:
+    """Generate a reply to `prompt`; `on_text` receives each new piece of text as it is decoded."""
+    prompt_ids = chat_prompt(lm.tokenizer, prompt, chat)
+    ids = generate_ids(lm.model, prompt_ids, cfg, eos_ids=eos_ids(lm), runtime=runtime)
+    return stream_text(lm.tokenizer, ids, cfg.stop, on_text)
+
+
+class Chat:
+    """A multi-turn conversation whose KV cache carries over from turn to turn: each new
+    prompt re-encodes the whole history through the chat template, and only the tokens
+    after the part already cached are computed."""
+
+    def __init__(self, lm, cfg: GenerationConfig = GenerationConfig(), runtime: RuntimeConfig | None = None):
+        if not supports(lm.model):
+            raise SlimlmError(f"multi-turn chat needs the lean runtime, which does not run {lm.config.model_type!r}")
+        self.lm, self.cfg = lm, cfg
+        self.lean = LeanModel(lm.model, runtime or RuntimeConfig())
+        self.messages: list[dict] = []
+
+    def say(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        self.messages.append({"role": "user", "content": text})
+        prompt_ids = chat_prompt(self.lm.tokenizer, self.messages, chat=True)
+        ids = generate_ids(self.lean, prompt_ids, self.cfg, eos_ids=eos_ids(self.lm))
+        reply = stream_text(self.lm.tokenizer, ids, self.cfg.stop, on_text)
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply

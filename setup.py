@@ -1,0 +1,19 @@
+"""Builds the optional C kernels (slimlm.kernels._C) during `pip install`; everything else
+is in pyproject.toml. `optional=True`: a machine that cannot compile them still installs
+slimlm, which then runs the pure-PyTorch reference path and says so once."""
+
+import sys
+
+from setuptools import Extension, setup
+
+unix = sys.platform != "win32"
+kernels = Extension(
+    "slimlm.kernels._C",
+    sources=["slimlm/kernels/csrc/intq.c", "slimlm/kernels/csrc/intq_avx512.c", "slimlm/kernels/csrc/module.c"],
+    depends=["slimlm/kernels/csrc/intq.h"],
+    extra_compile_args=["-O3", "-fopenmp", "-mprefer-vector-width=512", "-std=gnu11"] if unix else ["/O2", "/openmp"],
+    extra_link_args=["-fopenmp"] if unix else [],
+    optional=True,
+)
+
+setup(ext_modules=[kernels])

@@ -1,0 +1,257 @@
+"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3), in plain PyTorch.
+
+It reads the weights of a loaded transformers model (nothing is copied except what a
+kernel repacks) and runs decoder blocks with a preallocated KV cache, in the spirit of
+gpt-fast: one function, a few tensor ops per block, no cache objects, masks or hooks.
+Linear layers run through `slimlm.kernels` when they are compressed in a format a kernel
+serves (q, k, v stacked into one call, gate and up into another), through the module's
+reference path otherwise.
+
+    rope          the model's own rotary module, tabulated once (theta, scaling, ...)
+    GQA           queries grouped by their KV head, no repeated keys
+    qk-norm       Qwen3's per-head RMSNorm of q and k before rope
+    sliding       Mistral / Qwen2 sliding-window layers mask keys older than the window
+    head          the output head, optionally quantized here (`RuntimeConfig.head_bits`)
+
+The cache holds `tokens`: a new prompt that starts with them reuses their keys and
+values (multi-turn chat), and `truncate(n)` rolls back (speculative decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.linear import CompressedLinear, Kernel
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the lean runtime runs a model: kernel choice, output-head compression, cache length.
+
+    `head_bits` 0 keeps the head as loaded; 2–8 quantizes it (RTN, asymmetric, groups of
+    `head_group`) for the runtime only — the tied input embedding stays as it is.
+    """
+
+    kernel: Kernel = Kernel.AUTO
+    head_bits: int = 0
+    head_group: int = 64
+    max_seq: int = 4096
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernel", Kernel(self.kernel))
+        if self.head_bits and not 2 <= self.head_bits <= 8:
+            raise SlimlmError(f"head bits must be 0 (keep) or 2..8, got {self.head_bits}")
+        if self.head_group < 1:
+            raise SlimlmError(f"head group must be positive, got {self.head_group}")
+        if self.max_seq < 2:
+            raise SlimlmError(f"max sequence length must be at least 2, got {self.max_seq}")
+
+
+def supports(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED
+
+
+class _LinearOp:
+    """x (T, in) -> (T, Σ out) for linears sharing their input: one C kernel call when they
+    are all IntQuant with one layout (and the extension is built), the modules otherwise."""
+
+    def __init__(self, mods: list[nn.Module], kernel: Kernel):
+        from slimlm.kernels import extension
+        from slimlm.kernels.intq import SMALL_BATCH, IntQKernel, stackable
+
+        self.mods, self.kernel, self.small = mods, None, SMALL_BATCH
+        self.always = kernel is Kernel.CPU
+        self.bias = None
+        if kernel is not Kernel.REFERENCE and all(isinstance(m, CompressedLinear) for m in mods):
+            packs = [m.packed for m in mods]
+            if stackable(packs) and extension() is not None:
+                self.kernel = IntQKernel(packs, extension())
+                if any(m.bias is not None for m in mods):
+                    self.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
+                                           for m in mods]).float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and (self.always or x.shape[0] <= self.small):
+            y = self.kernel(x)
+            return y if self.bias is None else y + self.bias
+        if len(self.mods) == 1:
+            return self.mods[0](x)
+        return torch.cat([m(x) for m in self.mods], -1)
+
+    def nbytes(self) -> int:
+        """Weight bytes one product reads."""
+        if self.kernel is not None:
+            return self.kernel.nbytes()
+        return sum(m.packed.nbits() // 8 if isinstance(m, CompressedLinear) else m.weight.numel() * m.weight.element_size()
+                   for m in self.mods)
+
+
+class _Block:
+    def __init__(self, layer: nn.Module, kernel: Kernel):
+        at, mlp = layer.self_attn, layer.mlp
+        self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.qkv = _LinearOp([at.q_proj, at.k_proj, at.v_proj], kernel)
+        self.o = _LinearOp([at.o_proj], kernel)
+        self.gate_up = _LinearOp([mlp.gate_proj, mlp.up_proj], kernel)
+        self.down = _LinearOp([mlp.down_proj], kernel)
+        self.q_norm = at.q_norm.weight if hasattr(at, "q_norm") else None
+        self.k_norm = at.k_norm.weight if hasattr(at, "k_norm") else None
+        self.q_out, self.k_out = at.q_proj.out_features, at.k_proj.out_features
+        self.ffn = mlp.gate_proj.out_features
+
+
+class LeanModel:
+    """A Llama-family causal LM ready to decode: `prefill`, `step`, `extend`, `truncate`."""
+
+    def __init__(self, model: nn.Module, runtime: RuntimeConfig = RuntimeConfig()):
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED:
+            raise SlimlmError(f"the lean runtime supports {', '.join(SUPPORTED)}, not {cfg.model_type!r}")
+        self.model, self.runtime = model, runtime
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.dim = cfg.hidden_size
+        self.blocks = [_Block(layer, runtime.kernel) for layer in model.model.layers]
+        self.n_kv = [b.k_out // self.hd for b in self.blocks]  # read from the weights: pruned heads stay right
+        self.windows = self._windows(cfg)
+        self.embed = model.get_input_embeddings().weight  # (V, d)
+        self.norm = model.model.norm.weight
+        self.head = self._head(model, runtime)
+        self.max_seq = min(runtime.max_seq, getattr(cfg, "max_position_embeddings", runtime.max_seq) or runtime.max_seq)
+        with torch.no_grad():  # (max_seq, hd) tables from the model's own rotary module
+            pos = torch.arange(self.max_seq).unsqueeze(0)
+            cos, sin = model.model.rotary_emb(self.embed[:1].float().unsqueeze(0), pos)
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.tokens: list[int] = []
+
+    @staticmethod
+    def _windows(cfg) -> list[int | None]:
+        n = cfg.num_hidden_layers
+        win = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        if types:
+            return [win if t == "sliding_attention" and win else None for t in types]
+        if cfg.model_type == "mistral" and win:
+            return [win] * n
+        return [None] * n
+
+    @staticmethod
+    def _head(model, runtime: RuntimeConfig):
+        head = model.get_output_embeddings()
+        if not runtime.head_bits:
+            return _LinearOp([head], runtime.kernel)
+        from slimlm.methods.affine import quantize_rtn
+
+        w = head.weight if not isinstance(head, CompressedLinear) else head.packed.dequantize()
+        group = min(runtime.head_group, w.shape[1])
+        lin = CompressedLinear(quantize_rtn(w.detach().float(), runtime.head_bits, group), bias=head.bias,
+                               method="runtime-head")
+        return _LinearOp([lin], runtime.kernel)
+
+    # ----- cache -----------------------------------------------------------------------
+    def _ensure(self, length: int) -> None:
+        if length > self.max_seq:
+            raise SlimlmError(f"the sequence reached {length} tokens, past this runtime's limit of {self.max_seq}; "
+                              "start a new conversation or raise max_seq")
+        have = self.k_cache[0].shape[1] if self.k_cache else 0
+        if length <= have:
+            return
+        new = min(self.max_seq, max(length, 2 * have, 256))
+        for i, nk in enumerate(self.n_kv):  # (KVH, L, hd) per layer, grown by doubling
+            for cache in (self.k_cache, self.v_cache):
+                t = torch.zeros(nk, new, self.hd)
+                if have:
+                    t[:, :have] = cache[i][:, :have]
+                if i < len(cache):
+                    cache[i] = t
+                else:
+                    cache.append(t)
+
+    def truncate(self, n: int) -> None:
+        """Forget every cached position from `n` on (the keys stay, to be overwritten)."""
+        del self.tokens[n:]
+
+    def reset(self) -> None:
+        self.tokens.clear()
+
+    # ----- forward ---------------------------------------------------------------------
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x (T, heads, hd); cos/sin (T, 1, hd); rotate_half convention of transformers
+        h = self.hd // 2
+        return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+
+    @torch.inference_mode()
+    def extend(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Run `ids` after the cached tokens; logits (V,) of the last one, or (T, V) of all."""
+        T, pos = len(ids), len(self.tokens)
+        L = pos + T
+        self._ensure(L)
+        x = self.embed[torch.tensor(ids)].float()  # (T, d)
+        cos, sin = self.cos[pos:L].unsqueeze(1), self.sin[pos:L].unsqueeze(1)  # (T, 1, hd)
+        hd, scale = self.hd, self.hd ** -0.5
+        qpos = torch.arange(pos, L).unsqueeze(1)  # (T, 1)
+        kpos = torch.arange(L).unsqueeze(0)  # (1, L)
+        for i, b in enumerate(self.blocks):
+            nkv = self.n_kv[i]
+            nq = b.q_out // hd
+            rep = nq // nkv
+            h = F.rms_norm(x, (self.dim,), b.ln1, self.eps)
+            qkv = b.qkv(h)  # (T, (nq + 2 nkv) hd)
+            q = qkv[:, : b.q_out].view(T, nq, hd)
+            k = qkv[:, b.q_out: b.q_out + b.k_out].view(T, nkv, hd)
+            v = qkv[:, b.q_out + b.k_out:].view(T, nkv, hd)
+            if b.q_norm is not None:  # Qwen3: RMSNorm per head before rope
+                q = F.rms_norm(q, (hd,), b.q_norm, self.eps)
+                k = F.rms_norm(k, (hd,), b.k_norm, self.eps)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            kc, vc = self.k_cache[i], self.v_cache[i]  # (KVH, maxL, hd)
+            kc[:, pos:L] = k.transpose(0, 1)
+            vc[:, pos:L] = v.transpose(0, 1)
+            # queries grouped by KV head: (KVH, rep·T, hd) against (KVH, L, hd)
+            qg = q.view(T, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * T, hd)
+            att = torch.bmm(qg * scale, kc[:, :L].transpose(1, 2))  # (KVH, rep·T, L)
+            win = self.windows[i]
+            if T > 1 or (win is not None and L > win):
+                bad = kpos > qpos  # causal (T, L)
+                if win is not None:
+                    bad = bad | (kpos <= qpos - win)
+                att = att.view(nkv, rep, T, L).masked_fill(bad, float("-inf")).view(nkv, rep * T, L)
+            o = torch.bmm(torch.softmax(att, -1), vc[:, :L])  # (KVH, rep·T, hd)
+            o = o.view(nkv, rep, T, hd).permute(2, 0, 1, 3).reshape(T, nq * hd)
+            x = x + b.o(o)
+            h = F.rms_norm(x, (self.dim,), b.ln2, self.eps)
+            gu = b.gate_up(h)  # (T, 2 ffn)
+            x = x + b.down(F.silu(gu[:, : b.ffn]) * gu[:, b.ffn:])
+        self.tokens.extend(ids)
+        x = x if all_logits else x[-1:]
+        logits = self.head(F.rms_norm(x, (self.dim,), self.norm, self.eps)).float()
+        return logits if all_logits else logits[0]
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Logits (V,) after `ids`, reusing the cached prefix they share with the last call."""
+        if not ids:
+            raise SlimlmError("the prompt is empty; give at least one token")
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        self.truncate(min(n, len(ids) - 1))  # recompute at least the last token, for its logits
+        return self.extend(ids[len(self.tokens):])
+
+    def step(self, token: int) -> torch.Tensor:
+        """Logits (V,) after one more token."""
+        return self.extend([token])
+
+    def bytes_per_token(self) -> int:
+        """Weight bytes a decode step reads (block linears and head; one embedding row is negligible)."""
+        return sum(op.nbytes() for b in self.blocks for op in (b.qkv, b.o, b.gate_up, b.down)) + self.head.nbytes()
