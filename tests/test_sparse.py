@@ -183,3 +183,31 @@ def test_engine_sparsegpt_nm(tiny):
         p = blk.self_attn.q_proj.packed
         assert (p.mask().reshape(-1, 8).sum(1) == 4).all()
         assert torch.isfinite(p.dequantize()).all()
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 16, False), (4, 0, True)])
+def test_sparsegpt_joint_quantization(pattern, bits, group, sym):
+    w, x, stats = _data(out=32, inp=96, seed=6)
+    joint = _prune("sparsegpt", w, stats, sparsity=pattern, bits=bits, group=group, sym=sym)
+    assert joint.quantized and joint.bits == bits
+    mask = joint.mask()
+    _, nm = parse_sparsity(pattern)
+    if nm:
+        assert (mask.reshape(-1, nm[1]).sum(1) == nm[0]).all()
+    dq = joint.dequantize()
+    assert (dq[~mask] == 0).all()
+    g = group or w.shape[1]
+    levels = dq.new_tensor(range(1 << bits))
+    s = joint.scales.float().repeat_interleave(g, 1)[:, : w.shape[1]]
+    base = (levels - (1 << (bits - 1))) if sym else levels
+    offs = 0 if sym else joint.mins.float().repeat_interleave(g, 1)[:, : w.shape[1]]
+    on_grid = ((dq - offs).unsqueeze(-1) - base * s.unsqueeze(-1)).abs().amin(-1) <= 1e-5 * s
+    assert on_grid[mask].all()  # every kept weight is one of its group's levels
+    param_bits = joint.scales.numel() * 16 * (1 if sym else 2)
+    assert joint.nbits() == 8 * math.ceil(joint.nnz * bits / 8) + joint.index.numel() * 8 + param_bits
+    # joint rounding with feedback beats pruning first and rounding the result afterwards
+    pruned = _prune("sparsegpt", w, stats, sparsity=pattern, values="float32")
+    after = pruned.absorb(quantize_rtn(pruned.dequantize(), bits, group, sym)).dequantize()
+    err = lambda v: float(((v - w) @ x.T).pow(2).sum())
+    assert err(dq) < err(after)

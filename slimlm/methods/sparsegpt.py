@@ -12,7 +12,13 @@ selection), from weights that already carry the updates of earlier blocks:
   N:M           in every group of m columns, each row keeps its n highest saliencies
 
 The kept weights are stored with the pruned positions (a `Sparse` format); a later
-quantization stage composes through `Sparse.absorb`.
+quantization stage composes through `Sparse.absorb`. With `bits` set, pruning and
+quantization are joint, as in the paper: each kept weight is rounded to its group's grid
+as the loop reaches it and its rounding error is fed back like a pruned weight's, so the
+later columns compensate both (`sparsegpt:sparsity=0.5,bits=4,group=64`). The grids (fp16
+scale and minimum per group, asymmetric unless `sym`) span the group's kept weights as a
+first, pruning-only pass leaves them; the second pass keeps that mask and rounds. (Grids
+set from weights not yet updated fit badly: pruning half a row moves the rest a lot.)
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.formats import bitpack
+from slimlm.formats.sparse import Sparse
+from slimlm.methods.affine import FP16_MAX, check_group
 from slimlm.methods.magnitude import PruneConfig, Scope, check_prune, keep_mask, pack_pruned
 from slimlm.methods.registry import Kind, register
 
@@ -30,11 +39,19 @@ MAX_DAMP_TRIES = 6
 
 @dataclass(frozen=True)
 class SparseGPTConfig(PruneConfig):
+    ALIASES = {"group": {"channel": 0}}
     damp: float = 0.01  # a fraction of the mean diagonal of H
     block: int = 128  # columns per lazy block (and per mask selection)
+    bits: int = 0  # > 0: quantize the kept weights jointly (2..8 bits)
+    group: int = 64  # quantization group along the input (0 = per channel)
+    sym: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        if self.bits and not 2 <= self.bits <= 8:
+            raise SlimlmError(f"bits must be 0 (no quantization) or in 2..8, got {self.bits}")
+        if self.group < 0:
+            raise SlimlmError(f"group must be a positive size or 0 (per channel), got {self.group}")
         if not 0 <= self.damp <= 10:
             raise SlimlmError(f"damp is a fraction of the mean Hessian diagonal in [0, 10], got {self.damp}")
         if self.block < 1:
@@ -63,12 +80,59 @@ def hinv_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch
                       "use more calibration tokens")
 
 
+class GroupQuantizer:
+    """Rounds kept weights column by column on fixed per-group fp16 grids; codes land in
+    `codes` (out, in). The grids span the kept weights of each group of `w` (out, in), the
+    result of pruning alone, which the joint pass stays close to."""
+
+    def __init__(self, w: torch.Tensor, keep: torch.Tensor, bits: int, group: int, sym: bool):
+        self.bits, self.group, self.sym = bits, group, sym
+        out, inp = w.shape
+        self.codes = torch.zeros(out, inp, dtype=torch.uint8)
+        big = torch.finfo(torch.float32).max
+        pad = -inp % group  # the last group may be shorter: pad with pruned (ignored) entries
+        wg = torch.cat([w, w.new_zeros(out, pad)], 1).view(out, -1, group)
+        kg = torch.cat([keep, keep.new_zeros(out, pad)], 1).view(out, -1, group)
+        empty = ~kg.any(-1)  # (out, G) groups with nothing kept: any grid, codes unused
+        lo = torch.where(empty, 0.0, torch.where(kg, wg, big).amin(-1))
+        hi = torch.where(empty, 0.0, torch.where(kg, wg, -big).amax(-1))
+        if sym:
+            s = torch.maximum(hi.abs(), lo.abs()) / ((1 << (bits - 1)) - 1)
+            self.mins = None
+        else:
+            s = (hi - lo) / ((1 << bits) - 1)
+            self.mins = lo.clamp(-FP16_MAX, FP16_MAX).half().float()
+        s = s.clamp(max=FP16_MAX).half().float()
+        self.scales = torch.where(s > 0, s, torch.ones_like(s))  # (out, G)
+
+    def __call__(self, j: int, col: torch.Tensor) -> torch.Tensor:
+        """Column j's rounded values (out,) on its group's grid."""
+        g = j // self.group
+        s = self.scales[:, g]
+        if self.sym:
+            half = 1 << (self.bits - 1)
+            q = torch.round(col / s).clamp(-half, half - 1) + half
+            self.codes[:, j] = q.to(torch.uint8)
+            return (q - half) * s
+        m = self.mins[:, g]
+        q = torch.round((col - m) / s).clamp(0, (1 << self.bits) - 1)
+        self.codes[:, j] = q.to(torch.uint8)
+        return q * s + m
+
+    def packed(self, mask: torch.Tensor, n: int, m: int) -> Sparse:
+        base = Sparse.from_dense(torch.zeros(mask.shape), mask, n, m)
+        return Sparse(base.out_features, base.in_features, n, m, base.nnz, base.index, bits=self.bits,
+                      group=self.group, codes=bitpack.pack(self.codes[mask], self.bits),
+                      scales=self.scales.half(), mins=None if self.mins is None else self.mins.half())
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, fraction: float, nm: tuple[int, int] | None,
-                    damp: float = 0.01, block: int = 128, mask: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    damp: float = 0.01, block: int = 128, mask: torch.Tensor | None = None,
+                    quantizer: GroupQuantizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT of `weight` (out, in) under `hessian` (in, in). Returns (W', mask): the
     updated weights (pruned positions exactly 0) and the (out, in) bool keep mask. A given
-    `mask` is used as it is instead of being selected (only the weight update runs)."""
+    `mask` is used as it is instead of being selected (only the weight update runs). With a
+    `quantizer`, kept weights are rounded on its grid as they are reached (joint mode)."""
     w = weight.detach().float().clone()
     out, inp = w.shape
     u, dead = hinv_factor(hessian, damp)
@@ -88,7 +152,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, fraction: float
         err = torch.zeros(out, b1 - b0)
         for i in range(b1 - b0):
             col = wb[:, i]
-            q = col * mb[:, i]  # the pruned weights of column i become 0
+            q = col if quantizer is None else quantizer(b0 + i, col)
+            q = q * mb[:, i]  # the pruned weights of column i become 0
             e = (col - q) / ub[i, i]  # (out,)
             wb[:, i] = q
             err[:, i] = e
@@ -100,10 +165,25 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, fraction: float
     return w, mask
 
 
-@register("sparsegpt", SparseGPTConfig, needs=("hessian",), kind=Kind.PRUNE, check=check_prune)
+def _check(config: SparseGPTConfig, shape: tuple[int, int]) -> None:
+    check_prune(config, shape)
+    if config.bits:
+        check_group(config.group, shape[1])
+
+
+@register("sparsegpt", SparseGPTConfig, needs=("hessian",), kind=Kind.PRUNE, check=_check)
 def sparsegpt(weight, stats, config: SparseGPTConfig):
     """Hessian-based pruning with weight update (SparseGPT), unstructured or N:M."""
     if stats.hessian is None:
         raise SlimlmError(f"sparsegpt needs calibration statistics for {stats.name}; run it through the compression engine")
+    if config.bits:
+        # pass 1 chooses the mask and where the kept weights end up; pass 2 rounds them on
+        # grids spanning those final values, feeding rounding errors forward like pruning's
+        w1, mask = sparsegpt_prune(weight, stats.hessian, config.fraction, config.nm, config.damp, config.block)
+        quantizer = GroupQuantizer(w1, mask, config.bits, check_group(config.group, weight.shape[1]), config.sym)
+        sparsegpt_prune(weight, stats.hessian, config.fraction, config.nm, config.damp, config.block,
+                        mask=mask, quantizer=quantizer)
+        n, m = config.nm or (0, 0)
+        return quantizer.packed(mask, n, m)
     w, mask = sparsegpt_prune(weight, stats.hessian, config.fraction, config.nm, config.damp, config.block)
     return pack_pruned(w, mask, config)
