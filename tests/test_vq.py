@@ -194,3 +194,16 @@ def test_tiny_model_end_to_end_with_shared_codebooks(tiny, tmp_path):
 
     stored = sum(t.numel() * t.element_size() * 8 for t in load_file(str(tmp_path / "m" / "packed.safetensors")).values())
     assert stored == sum(e["nbits"] for e in layers.values())
+
+
+@pytest.mark.parametrize("dim,inp", [(4, 30), (3, 20), (5, 5)])
+def test_feedback_with_a_short_last_vector(dim, inp):
+    w = torch.randn(9, inp, generator=_gen(dim * inp))
+    h = _hessian(inp, seed=dim)
+    p = vector_quantize(w, h, VQConfig(bits=2, dim=dim, share="none", iters=3, k=16))
+    assert p.shape == (9, inp) and p.int_indices().shape == (9, -(-inp // dim))
+    cb = p.codebook.decoded()
+    want = cb[p.int_indices()].reshape(9, -1)[:, :inp] * p.scales.float()[:, None]
+    assert torch.equal(p.dequantize(), want)
+    zero = layer_loss(w, torch.zeros_like(w), h)
+    assert layer_loss(w, p.dequantize(), h) < zero
