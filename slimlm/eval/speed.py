@@ -2,7 +2,10 @@
 
 Prefill: one forward over a `prompt_tokens` prompt with a fresh cache. Decode: greedy
 tokens after that prompt, one forward each with the KV cache. Each figure is the
-median of `runs` runs after one warm-up run; threads are set and reported.
+median of `runs` runs after one warm-up run; threads are set (torch and the C kernels
+share one OpenMP pool) and reported. Llama-family models run on the lean runtime
+(`slimlm.runtime.lean`, C kernels for packed layers); `weight_bytes_per_token` is what
+one decode step reads, for the bandwidth bound (bytes ÷ measured bandwidth).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import time
 
 import torch
 
-from slimlm.runtime.generate import GenerationConfig, generate_ids
+from slimlm.runtime.generate import GenerationConfig, generate_ids, lean_model
+from slimlm.runtime.lean import RuntimeConfig, supports
 
 
 def peak_rss_bytes() -> int:
@@ -22,7 +26,7 @@ def peak_rss_bytes() -> int:
 
 @torch.inference_mode()
 def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int = 64, runs: int = 3,
-                threads: int | None = None) -> dict:
+                threads: int | None = None, runtime: RuntimeConfig | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     from slimlm.data import corpus_text
@@ -34,7 +38,7 @@ def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int =
         t0 = time.perf_counter()
         marks = {}
         n = 0
-        for _ in generate_ids(model, ids, cfg, on_prefill=lambda: marks.setdefault("p", time.perf_counter())):
+        for _ in generate_ids(model, ids, cfg, runtime=runtime, on_prefill=lambda: marks.setdefault("p", time.perf_counter())):
             n += 1
         t1 = time.perf_counter()
         if r == 0:
@@ -49,4 +53,6 @@ def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int =
         "runs": runs,
         "threads": torch.get_num_threads(),
         "peak_rss_bytes": peak_rss_bytes(),
+        "runtime": "lean" if supports(model) else "transformers",
+        "weight_bytes_per_token": lean_model(model, runtime).bytes_per_token() if supports(model) else None,
     }

@@ -1,0 +1,171 @@
+"""Runtime benchmark: slimlm's lean runtime against llama.cpp, same prompt, same threads, same run.
+
+    .venv/bin/python benchmarks/runtime.py --threads 2 --prompt-tokens 128 --decode-tokens 64 --runs 3
+
+Models (compressed once into benchmarks/out/, RTN of the block linears): fp32, w8 g64,
+w4 g32, w2 g32, each with the output head kept fp32 and quantized to 8 bits in the
+runtime; llama.cpp Q8_0 and Q4_0 requantized from the embedded GGUF with
+`llama_cpp.llama_model_quantize` (skipped when llama-cpp-python is not installed).
+Then self-speculative decoding: target w4 g32 (head 8-bit), draft RTN 2-bit of the
+target's own weights, k drafted tokens per round; greedy output compared with plain greedy.
+Prefill and decode figures are medians of `--runs` timed runs after one warm-up, runs of
+the different engines interleaved so that load from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import slimlm
+from slimlm.compress import compress_model
+from slimlm.data import corpus_text
+from slimlm.eval.speed import peak_rss_bytes
+from slimlm.formats.store import save_compressed
+from slimlm.models import builtin_path
+from slimlm.runtime.generate import GenerationConfig
+from slimlm.runtime.lean import LeanModel, RuntimeConfig
+from slimlm.runtime.speculative import SpecStats, draft_model, speculative_ids
+
+OUT = Path(__file__).parent / "out" / "runtime"
+RECIPES = {"w8g64": "rtn:bits=8,group=64", "w4g32": "rtn:bits=4,group=32", "w2g32": "rtn:bits=2,group=32"}
+
+
+def compressed(name: str):
+    d = OUT / name
+    if not d.exists():
+        lm = slimlm.load("smollm2-135m")
+        compress_model(lm, RECIPES[name], progress=False)
+        save_compressed(lm, d)
+    return slimlm.load(str(d))
+
+
+def time_lean(lean: LeanModel, ids: list[int], n: int) -> tuple[float, float]:
+    lean.reset()
+    t0 = time.perf_counter()
+    logits = lean.prefill(ids)
+    t1 = time.perf_counter()
+    tok = int(logits.argmax())
+    for _ in range(n):
+        tok = int(lean.step(tok).argmax())
+    t2 = time.perf_counter()
+    return len(ids) / (t1 - t0), n / (t2 - t1)
+
+
+def llama_cpp_models(threads: int) -> dict:
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    out = {}
+    for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+        path = OUT / f"{name.split()[-1]}.gguf"
+        if not path.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.allow_requantize = True
+            params.nthread = threads
+            rc = llama_cpp.llama_model_quantize(str(builtin_path("smollm2-135m")).encode(), str(path).encode(), params)
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize failed ({rc}) for {name}")
+        out[name] = (llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                                     n_batch=512, verbose=False), path.stat().st_size)
+    return out
+
+
+def time_llama(llm, ids: list[int], n: int) -> tuple[float, float]:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    for _ in range(n):
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        llm.eval([tok])
+    t2 = time.perf_counter()
+    return len(ids) / (t1 - t0), n / (t2 - t1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--k", type=int, default=4, help="tokens drafted per speculative round")
+    ap.add_argument("--spec-tokens", type=int, default=64)
+    ap.add_argument("--skip", nargs="*", default=[], help="engine names to leave out")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    base = slimlm.load("smollm2-135m")
+    tok = base.tokenizer
+    ids = tok(corpus_text("evaluation")[:20000], add_special_tokens=False)["input_ids"][: a.prompt_tokens]
+    engines = {"fp32": LeanModel(base.model, RuntimeConfig()),
+               "fp32 head8": LeanModel(base.model, RuntimeConfig(head_bits=8))}
+    for name in RECIPES:
+        lm = compressed(name)
+        engines[name] = LeanModel(lm.model, RuntimeConfig())
+        engines[f"{name} head8"] = LeanModel(lm.model, RuntimeConfig(head_bits=8))
+        if name == "w2g32":
+            engines[f"{name} head4"] = LeanModel(lm.model, RuntimeConfig(head_bits=4, head_group=32))
+    engines = {k: v for k, v in engines.items() if k not in a.skip}
+    peers = {k: v for k, v in llama_cpp_models(a.threads).items() if k not in a.skip}
+
+    res = {k: ([], []) for k in [*engines, *peers]}
+    for r in range(a.runs + 1):  # interleaved: every engine once per round
+        for name, lean in engines.items():
+            p, d = time_lean(lean, ids, a.decode_tokens)
+            if r:
+                res[name][0].append(p)
+                res[name][1].append(d)
+        for name, (llm, _) in peers.items():
+            p, d = time_llama(llm, ids, a.decode_tokens)
+            if r:
+                res[name][0].append(p)
+                res[name][1].append(d)
+    rows = []
+    for name, (p, d) in res.items():
+        nbytes = engines[name].bytes_per_token() if name in engines else peers[name][1]
+        rows.append(dict(engine=name, prefill_tps=statistics.median(p), decode_tps=statistics.median(d),
+                         weight_mb_per_token=nbytes / 1e6))
+
+    # self-speculative: target w4g32 with an 8-bit head, draft 2-bit RTN of the same weights
+    target_lm = compressed("w4g32")
+    rt = RuntimeConfig(head_bits=8)
+    target = engines.get("w4g32 head8") or LeanModel(target_lm.model, rt)
+    draft = LeanModel(draft_model(target_lm.model, bits=2), rt)
+    cfg = GenerationConfig(max_new_tokens=a.spec_tokens)
+    spec = {"plain": [], "spec": []}
+    for r in range(a.runs + 1):
+        target.reset()
+        t0 = time.perf_counter()
+        logits = target.prefill(ids)
+        plain = []
+        for i in range(a.spec_tokens):
+            plain.append(int(logits.argmax()))
+            if i + 1 < a.spec_tokens:
+                logits = target.step(plain[-1])
+        t1 = time.perf_counter()
+        stats = SpecStats()
+        out = list(speculative_ids(target, draft, ids, cfg, k=a.k, stats=stats))
+        t2 = time.perf_counter()
+        if r:
+            spec["plain"].append(t1 - t0)
+            spec["spec"].append(t2 - t1)
+    result = dict(threads=a.threads, prompt_tokens=len(ids), decode_tokens=a.decode_tokens, runs=a.runs, rows=rows,
+                  speculative=dict(k=a.k, tokens=a.spec_tokens, identical=out == plain, acceptance=stats.acceptance,
+                                   mean_accepted_per_round=statistics.mean(stats.per_round),
+                                   plain_s=statistics.median(spec["plain"]), spec_s=statistics.median(spec["spec"]),
+                                   speedup=statistics.median(spec["plain"]) / statistics.median(spec["spec"])),
+                  peak_rss_mb=peak_rss_bytes() / 2**20, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
