@@ -172,3 +172,14 @@ def test_ray_tasks_on_a_local_cluster(tiny_dir, tmp_path):
     local = run_sweep(str(tiny_dir), cfg_for(tmp_path / "local", recipes), progress=False)
     assert remote.computed == 3
     assert _quality(remote.rows) == _quality(local.rows)
+
+
+@pytest.mark.slow
+def test_sweep_on_the_embedded_model(tmp_path):
+    cfg = SweepConfig(recipes=("rtn:bits=8,group=64", "rtn:bits=3,group=64"), out_dir=str(tmp_path),
+                      eval=EvalConfig(max_tokens=1024), bench=False)
+    rows = run_sweep("smollm2-135m", cfg, progress=False).rows
+    ref, r8, r3 = rows
+    assert ref["bpw"] == 32.0 and r8["bpw"] == pytest.approx(8.5) and r3["bpw"] == pytest.approx(3.5)
+    assert r8["kl"] < 0.01 < r3["kl"] and r3["ppl"] > 1.5 * ref["ppl"]  # 3-bit RTN hurts this model (MODEL-NOTES)
+    assert r3["size_bytes"] < r8["size_bytes"] < 200e6
