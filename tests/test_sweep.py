@@ -182,4 +182,4 @@ def test_sweep_on_the_embedded_model(tmp_path):
     ref, r8, r3 = rows
     assert ref["bpw"] == 32.0 and r8["bpw"] == pytest.approx(8.5) and r3["bpw"] == pytest.approx(3.5)
     assert r8["kl"] < 0.01 < r3["kl"] and r3["ppl"] > 1.5 * ref["ppl"]  # 3-bit RTN hurts this model (MODEL-NOTES)
-    assert r3["size_bytes"] < r8["size_bytes"] < 200e6
+    assert r3["size_bytes"] < r8["size_bytes"] < ref["size_bytes"]  # the float32 embeddings stay: ~113 MB of each
