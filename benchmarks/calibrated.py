@@ -13,6 +13,8 @@ calibration-free quantizer on every block linear (dequantized into the model).
 
     .venv/bin/python benchmarks/calibrated.py --eval-tokens 8192 --out /tmp/cal.jsonl \\
         rtn:bits=4,group=64 gptq:bits=4,group=64 awq:bits=4,group=64 spqr:bits=4
+
+With --layers, a cheap per-layer proxy instead (see `layer_errors`).
 """
 
 from __future__ import annotations
@@ -138,6 +140,40 @@ def llama_cpp_peer(qtype: str, windows, ref, tmp: Path) -> dict:
                 ppl=math.exp(nll / n), nll=nll / n, kl=kl / n, top1=agree / n, tokens=n)
 
 
+def layer_errors(layers: list[str], recipes: list[str], calib_tokens: int) -> list[dict]:
+    """Per-layer proxy, no sequential engine: statistics of the uncompressed model's inputs to
+    `layers`, then each recipe's single stage applied to each layer alone, scored by the
+    relative output error tr(D H Dᵀ) / tr(W H Wᵀ) (D = W − Ŵ) and its exact bits per weight."""
+    from slimlm.compress.calibration import StatsCollector
+    from slimlm.compress.recipe import Recipe
+    from slimlm.data import calibration_windows
+    from slimlm.methods import LayerStats
+
+    lm = slimlm.load("smollm2-135m")
+    text, _ = resolve_text(None, Split.CALIBRATION)
+    windows = calibration_windows(lm.tokenizer, text, max(1, calib_tokens // 512), 512, 0)
+    col = StatsCollector(lm.model, {n: n for n in layers}, True, True)
+    with torch.inference_mode():
+        for w in windows:
+            lm.model(w.unsqueeze(0), use_cache=False)
+    col.remove()
+    stats = {n: col.stats(n) for n in layers}
+    rows = []
+    for name in layers:
+        w = lm.model.get_submodule(name).weight.detach().float()
+        h = stats[name]["hessian"]
+        base = float(((w.double() @ h) * w.double()).sum())
+        for r in recipes:
+            stage = Recipe.parse(r).stages[0]
+            t0 = time.perf_counter()
+            p = stage.spec.fn(w, LayerStats(name=name, **stats[name]), stage.config)
+            d = (w - p.dequantize()).double()
+            rows.append(dict(layer=name, recipe=r, rel_err=float(((d @ h) * d).sum()) / base,
+                             bpw=p.nbits() / w.numel(), seconds=round(time.perf_counter() - t0, 2)))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipes", nargs="*")
@@ -145,9 +181,15 @@ def main(argv=None):
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--llama", nargs="*", default=[], help="llama.cpp types, e.g. Q8_0 Q5_0 Q4_0 IQ4_NL")
     ap.add_argument("--hqq", nargs="*", default=[], help="bits,group pairs, e.g. 4,64 3,64")
+    ap.add_argument("--layers", default="", help="per-layer proxy only: these layers (comma-separated), each recipe alone")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if args.layers:
+        rows = layer_errors(args.layers.split(","), args.recipes, args.calib_tokens)
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return
     reference = slimlm.load("smollm2-135m")
     text, desc = resolve_text(None, Split.EVALUATION)
     windows = eval_windows(reference.tokenizer, text, 512, args.eval_tokens)
