@@ -6,7 +6,7 @@ from slimlm.formats import bitpack
 from slimlm.formats.palette import Palette
 from slimlm.methods._kmeans import grouped_kmeans_1d, layer_loss, nearest_level, weighted_kmeans
 from slimlm.methods.affine import quantize_rtn
-from slimlm.methods.kmeans import KMeansConfig, palettize
+from slimlm.methods.kmeans import KMeansConfig, palettize, refit_levels
 
 
 def _gen(seed):
@@ -127,6 +127,26 @@ def test_feedback_lowers_the_layer_loss_and_beats_rtn_at_fewer_bits():
     assert fb.nbits() == plain.nbits() < rtn.nbits()
     assert layer_loss(w, fb.dequantize(), h) < layer_loss(w, plain.dequantize(), h)
     assert layer_loss(w, fb.dequantize(), h) < layer_loss(w, rtn.dequantize(), h)
+
+
+@pytest.mark.parametrize("bits,rows", [(2, 3), (3, 0), (5, 4)])
+def test_level_refit_is_least_squares_for_fixed_codes(bits, rows):
+    h = _hessian(40, seed=bits)
+    w = torch.randn(10, 40, generator=_gen(bits + rows))
+    p = palettize(w, h, KMeansConfig(bits=bits, rows=rows, refit=0))
+    table, codes = p.table_of_row(), p.int_codes().long()
+    levels, new_codes = refit_levels(w, h, codes, table, p.lut.float())
+    q = levels[table].gather(1, new_codes)
+    assert (levels[:, 1:] >= levels[:, :-1]).all()
+    assert layer_loss(w, q, h) <= layer_loss(w, p.dequantize(), h) * (1 + 1e-3)
+    # codes are only renumbered: per table, a one-to-one map from old code to new code
+    t_of = table[:, None].expand_as(codes)
+    mapping = torch.full((levels.shape[0], 1 << bits), -1, dtype=torch.long)
+    mapping[t_of, codes] = new_codes
+    assert torch.equal(mapping[t_of, codes], new_codes)
+    for row in mapping:
+        used = row[row >= 0]
+        assert used.unique().numel() == used.numel()
 
 
 def test_feedback_output_lies_on_the_tables_and_no_hessian_works():

@@ -86,12 +86,16 @@ def refit_levels(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, table: t
     out, inp = w.shape
     t, k = lut.shape
     hf = h.float()
-    onehot = torch.nn.functional.one_hot(codes, k).float()  # (out, in, K)
-    h_a = (hf @ onehot.permute(1, 0, 2).reshape(inp, out * k)).view(inp, out, k)  # H A_r for every row
-    gram = torch.einsum("rik,irl->rkl", onehot, h_a)  # (out, K, K)
-    rhs = torch.einsum("rik,ri->rk", onehot, w @ hf)  # (out, K)
-    gram_t = torch.zeros(t, k, k).index_add_(0, table, gram)
-    rhs_t = torch.zeros(t, k).index_add_(0, table, rhs)
+    wh = w @ hf  # (out, in)
+    gram_t, rhs_t = torch.zeros(t, k, k), torch.zeros(t, k)
+    step = max(1, (1 << 22) // (inp * k))  # rows per chunk: the one-hot codes stay ≤ 16 MB
+    for r0 in range(0, out, step):
+        rows = slice(r0, min(r0 + step, out))
+        onehot = torch.nn.functional.one_hot(codes[rows], k).float()  # (rows, in, K)
+        n = onehot.shape[0]
+        h_a = (hf @ onehot.permute(1, 0, 2).reshape(inp, n * k)).view(inp, n, k)  # H A_r for each row
+        gram_t.index_add_(0, table[rows], torch.einsum("rik,irl->rkl", onehot, h_a))  # Σ A_rᵀ H A_r
+        rhs_t.index_add_(0, table[rows], torch.einsum("rik,ri->rk", onehot, wh[rows]))  # Σ A_rᵀ H w_r
     ridge = 1e-6 * gram_t.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # unused levels keep their value
     gram_t = gram_t + torch.diag_embed(ridge[:, None].expand(t, k))
     rhs_t = rhs_t + ridge[:, None] * lut
