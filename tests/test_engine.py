@@ -142,3 +142,14 @@ def test_corrupt_compressed_directory(tiny, tmp_path):
     (tmp_path / "m" / "slimlm.json").write_text("{oops")
     with pytest.raises(SlimlmError, match="corrupt"):
         slimlm.load(tmp_path / "m")
+
+
+def test_bf16_model_round_trips_bit_exactly(tiny, tmp_path):
+    tiny.cast("bfloat16")
+    assert tiny.model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers are not cast
+    compress_model(tiny, "rtn:bits=8,group=16@*.mlp.*", progress=False)
+    x = torch.randint(0, 384, (1, 20))
+    before = tiny.model(x).logits
+    save_compressed(tiny, tmp_path / "bf16")
+    back = load_compressed(tmp_path / "bf16")
+    assert back.dtype == torch.bfloat16 and torch.equal(back.model(x).logits, before)

@@ -49,7 +49,23 @@ def register_format(cls):
     return cls
 
 
+def load_all_formats() -> dict[str, type]:
+    """Import every format module of this package (each registers itself), so a saved model
+    finds its format whatever code ran before."""
+    import importlib
+    import pkgutil
+
+    import slimlm.formats as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name not in ("base", "store", "linear", "bitpack"):
+            importlib.import_module(f"slimlm.formats.{mod.name}")
+    return FORMATS
+
+
 def format_class(name: str) -> type:
+    if name not in FORMATS:
+        load_all_formats()
     try:
         return FORMATS[name]
     except KeyError:

@@ -32,9 +32,13 @@ class LoadedModel:
         self.model.eval()
 
     def cast(self, dtype: str | torch.dtype) -> "LoadedModel":
-        """Cast every floating-point weight to `dtype` (e.g. "bfloat16"), in place."""
+        """Cast every floating-point parameter to `dtype` (e.g. "bfloat16"), in place. Buffers
+        (rotary frequencies) stay as they are, as they do when a saved model is rebuilt."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.model.to(dtype)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
         self.model.config.dtype = dtype
         return self
 
