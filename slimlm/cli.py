@@ -93,13 +93,27 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def runtime_config(a):
+    from slimlm.runtime import RuntimeConfig
+
+    return RuntimeConfig(kernel=a.kernel, head_bits=a.head_bits)
+
+
+def add_runtime_flags(p):
+    p.add_argument("--kernel", choices=["auto", "cpu", "reference"], default="auto",
+                   help="matrix kernels: the C kernels reading packed codes (cpu), the PyTorch reference, or auto")
+    p.add_argument("--head-bits", type=int, default=0,
+                   help="quantize the output head to this many bits in the runtime only (0: keep it as loaded)")
+
+
 def cmd_bench(a) -> int:
     import slimlm
     from slimlm.eval.size import size_report
     from slimlm.eval.speed import bench_model
 
     lm = slimlm.load(a.model)
-    res = bench_model(lm.model, lm.tokenizer, a.prompt_tokens, a.decode_tokens, a.runs, a.threads)
+    res = bench_model(lm.model, lm.tokenizer, a.prompt_tokens, a.decode_tokens, a.runs, a.threads,
+                      runtime=runtime_config(a))
     res.update(size_report(lm, a.model))
     if a.json:
         print_json(res)
@@ -121,7 +135,8 @@ def cmd_generate(a) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    generate(lm, a.prompt, cfg, chat=not a.no_chat, on_text=lambda s: print(s, end="", flush=True))
+    generate(lm, a.prompt, cfg, chat=not a.no_chat, on_text=lambda s: print(s, end="", flush=True),
+             runtime=runtime_config(a))
     print()
     return 0
 
@@ -202,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=64)
     b.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; the median is reported")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    add_runtime_flags(b)
     b.set_defaults(fn=cmd_bench)
 
     g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
@@ -215,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
     g.add_argument("--threads", type=int, default=None)
+    add_runtime_flags(g)
     g.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("info", help="recipe, per-layer formats and bits, size")
