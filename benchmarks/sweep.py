@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--bpw", type=float, default=DEMO_FIT_BPW)
     p.add_argument("--methods", default="rtn", help="fit candidate methods, comma-separated")
     p.add_argument("--no-bench", action="store_true")
+    p.add_argument("--skip-fit", action="store_true", help="only the sweep (run the fit in another process)")
     a = p.parse_args()
     recipes = {"demo": demo_presets, "all": default_presets}.get(a.recipes, lambda: a.recipes.split(";"))()
     ev = EvalConfig(max_tokens=a.max_tokens)
@@ -49,6 +50,9 @@ def main() -> None:
     res = run_sweep(a.model, cfg)
     out["sweep"] = {"wall_s": time.perf_counter() - w0, "cpu_s": cpu_s() - c0, "computed": res.computed}
     print(format_table(res.rows))
+    if a.skip_fit:
+        print(json.dumps(out["sweep"]))
+        return
     w0, c0 = time.perf_counter(), cpu_s()
     fcfg = demo_fit_config(a.bpw, ev, cfg.calibration, str(Path(a.out) / "fit"), tuple(a.methods.split(",")))
     fit = run_fit(a.model, fcfg)
