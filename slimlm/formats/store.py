@@ -14,13 +14,11 @@ when `overwrite=True`, and then only after the new directory is complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from slimlm.atomic import atomic_directory
 from slimlm.errors import SlimlmError
 from slimlm.formats.base import format_class
 from slimlm.formats.linear import CompressedLinear, replace_linear
@@ -67,11 +65,7 @@ def save_compressed(lm: LoadedModel, dest: str | Path, overwrite: bool = False) 
     from safetensors.torch import save_file
 
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise SlimlmError(f"output {dest} already exists; choose another path or pass --force to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    with atomic_directory(dest, overwrite) as tmp:
         layers = compressed_layers(lm.model)
         packed = {}
         for name, mod in layers.items():
@@ -87,16 +81,6 @@ def save_compressed(lm: LoadedModel, dest: str | Path, overwrite: bool = False) 
         manifest = dict(lm.manifest or {})
         manifest.update(format_version=FORMAT_VERSION, layers=layer_table(lm.model))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -224,29 +224,13 @@ def save_pruned(lm: LoadedModel, dest, info: dict, overwrite: bool = False):
     """Write the pruned model as a plain HF directory (config.json, model.safetensors,
     tokenizer) plus `slimlm-prune.json` (what was kept), atomically."""
     import json
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
+    from slimlm.atomic import atomic_directory
     from slimlm.models.sources import save_hf_dir
 
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise SlimlmError(f"output {dest} already exists; choose another path or pass --force to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    with atomic_directory(dest, overwrite) as tmp:
         save_hf_dir(lm.model, lm.tokenizer, tmp)
         (tmp / "slimlm-prune.json").write_text(json.dumps(info, indent=2))
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
