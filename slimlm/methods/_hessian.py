@@ -22,6 +22,14 @@ from slimlm.methods.affine import _grouped, affine_params, dequantize_codes, qua
 MAX_DAMP_TRIES = 6  # damping × 10 per failed Cholesky: 1 % -> 10 000 % of the mean diagonal
 
 
+
+def validate_solver_options(damp: float, block: int | None = None) -> None:
+    """A config's Hessian damping (fraction of the mean diagonal) and lazy-block width."""
+    if not 0 <= damp <= 10:
+        raise SlimlmError(f"damp is a fraction of the mean Hessian diagonal in [0, 10], got {damp}")
+    if block is not None and block < 1:
+        raise SlimlmError(f"block must be at least 1 column, got {block}")
+
 def damped_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(H + damp·mean(diag H)·I, dead) in float64, where `dead` (in,) marks input channels that
     never saw a non-zero value (zero diagonal); their diagonal becomes 1 so they decouple

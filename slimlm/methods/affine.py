@@ -16,6 +16,12 @@ from slimlm.formats.intq import IntQuant, expand_groups, n_groups
 FP16_MAX = 65504.0
 
 
+def validate_group_option(group: int) -> None:
+    """A config's `group` option: a positive size, or 0 for per channel."""
+    if group < 0:
+        raise SlimlmError(f"group must be a positive size or 0 (per channel), got {group}")
+
+
 def check_group(group: int, in_features: int) -> int:
     """The effective group size (0 = per channel), refused when it does not fit the row."""
     if group < 0:

@@ -31,9 +31,10 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.formats.intq import IntQuant
 from slimlm.formats.scaled import ScaledQuant
-from slimlm.methods.affine import FP16_MAX, affine_params, check_group, quantize_codes
+from slimlm.methods.affine import affine_params, check_group, FP16_MAX, quantize_codes, validate_group_option
 from slimlm.methods.gptq import gptq_quantize
 from slimlm.methods.registry import register
+from slimlm.methods._hessian import validate_solver_options
 
 MIN_SCALE = 1e-4  # fp16-representable with room; a scale never reaches zero
 
@@ -58,12 +59,10 @@ class AWQConfig:
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise SlimlmError(f"bits must be in 2..8, got {self.bits}")
-        if self.group < 0:
-            raise SlimlmError(f"group must be a positive size or 0 (per channel), got {self.group}")
+        validate_group_option(self.group)
         if not 1 <= self.grid <= 1000:
             raise SlimlmError(f"grid must be in 1..1000 steps, got {self.grid}")
-        if not 0 <= self.damp <= 10:
-            raise SlimlmError(f"damp is a fraction of the mean Hessian diagonal in [0, 10], got {self.damp}")
+        validate_solver_options(self.damp)
         object.__setattr__(self, "quant", AWQQuant(self.quant))
 
 

@@ -29,8 +29,8 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.intq import IntQuant
-from slimlm.methods._hessian import gptq_columns, inverse_cholesky, static_group_quantizer, weighted_clip_params
-from slimlm.methods.affine import affine_params, check_group, dequantize_codes, quantize_codes
+from slimlm.methods._hessian import gptq_columns, inverse_cholesky, static_group_quantizer, validate_solver_options, weighted_clip_params
+from slimlm.methods.affine import affine_params, check_group, dequantize_codes, quantize_codes, validate_group_option
 from slimlm.methods.registry import register
 
 
@@ -50,12 +50,8 @@ class GPTQConfig:
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise SlimlmError(f"bits must be in 2..8, got {self.bits}")
-        if self.group < 0:
-            raise SlimlmError(f"group must be a positive size or 0 (per channel), got {self.group}")
-        if not 0 <= self.damp <= 10:
-            raise SlimlmError(f"damp is a fraction of the mean Hessian diagonal in [0, 10], got {self.damp}")
-        if self.block < 1:
-            raise SlimlmError(f"block must be at least 1 column, got {self.block}")
+        validate_group_option(self.group)
+        validate_solver_options(self.damp, self.block)
 
 
 def group_params(w: torch.Tensor, bits: int, group: int, sym: bool, clip: bool,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
-from slimlm.methods.affine import check_group, quantize_rtn
+from slimlm.methods.affine import check_group, quantize_rtn, validate_group_option
 from slimlm.methods.registry import register
 
 
@@ -25,8 +25,7 @@ class RTNConfig:
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise SlimlmError(f"bits must be in 2..8, got {self.bits}")
-        if self.group < 0:
-            raise SlimlmError(f"group must be a positive size or 0 (per channel), got {self.group}")
+        validate_group_option(self.group)
 
 
 def _check(config: RTNConfig, shape: tuple[int, int]) -> None:

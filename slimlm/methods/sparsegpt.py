@@ -30,9 +30,10 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.formats import bitpack
 from slimlm.formats.sparse import Sparse
-from slimlm.methods.affine import FP16_MAX, check_group
+from slimlm.methods.affine import check_group, FP16_MAX, validate_group_option
 from slimlm.methods.magnitude import PruneConfig, Scope, check_prune, keep_mask, pack_pruned
 from slimlm.methods.registry import Kind, register
+from slimlm.methods._hessian import validate_solver_options
 
 MAX_DAMP_TRIES = 6
 
@@ -50,12 +51,8 @@ class SparseGPTConfig(PruneConfig):
         super().__post_init__()
         if self.bits and not 2 <= self.bits <= 8:
             raise SlimlmError(f"bits must be 0 (no quantization) or in 2..8, got {self.bits}")
-        if self.group < 0:
-            raise SlimlmError(f"group must be a positive size or 0 (per channel), got {self.group}")
-        if not 0 <= self.damp <= 10:
-            raise SlimlmError(f"damp is a fraction of the mean Hessian diagonal in [0, 10], got {self.damp}")
-        if self.block < 1:
-            raise SlimlmError(f"block must be at least 1 column, got {self.block}")
+        validate_group_option(self.group)
+        validate_solver_options(self.damp, self.block)
 
 
 def hinv_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import bitpack
 from slimlm.formats.intq import expand_groups, n_groups
 from slimlm.formats.spqr import SpQRQuant, decode_affine
-from slimlm.methods._hessian import gptq_columns, inverse_cholesky
+from slimlm.methods._hessian import gptq_columns, inverse_cholesky, validate_solver_options
 from slimlm.methods.affine import _grouped, affine_params, check_group, quantize_codes
 from slimlm.methods.registry import register
 
@@ -61,10 +61,7 @@ class SpQRConfig:
             raise SlimlmError(f"group and stat_group must be positive, got {self.group} and {self.stat_group}")
         if not 0 <= self.outliers <= 0.1:
             raise SlimlmError(f"outliers is a share of the weights in [0, 0.1], got {self.outliers}")
-        if not 0 <= self.damp <= 10:
-            raise SlimlmError(f"damp is a fraction of the mean Hessian diagonal in [0, 10], got {self.damp}")
-        if self.block < 1:
-            raise SlimlmError(f"block must be at least 1 column, got {self.block}")
+        validate_solver_options(self.damp, self.block)
 
 
 @dataclass
