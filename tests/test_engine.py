@@ -153,3 +153,9 @@ def test_bf16_model_round_trips_bit_exactly(tiny, tmp_path):
     save_compressed(tiny, tmp_path / "bf16")
     back = load_compressed(tmp_path / "bf16")
     assert back.dtype == torch.bfloat16 and torch.equal(back.model(x).logits, before)
+
+
+def test_calibrated_model_runs_with_autograd_on(tiny):
+    """Weights dequantized during calibration are cached; they must serve a later plain forward."""
+    compress_model(tiny, "rtn:bits=4,group=16+_test_probe@*.mlp.*", CAL, progress=False)
+    assert torch.isfinite(tiny.model(torch.randint(0, 384, (1, 8))).logits).all()

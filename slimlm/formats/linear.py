@@ -58,7 +58,8 @@ class CompressedLinear(nn.Module):
         """The dequantized (out, in) float32 weight."""
         if self._weight is not None:
             return self._weight
-        w = self.packed.dequantize()
+        with torch.inference_mode(False):  # a cache filled under inference mode must serve forwards with autograd on
+            w = self.packed.dequantize()
         if self.cache:
             self._weight = w
         return w
