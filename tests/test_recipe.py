@@ -43,6 +43,16 @@ def test_patterns_and_last_stage_of_a_kind_wins():
     assert Recipe.parse("rtn:bits=4@*.q_proj").stages_for("model.layers.0.mlp.up_proj") == []
 
 
+def test_only_explicit_patterns_name_the_head():
+    blocks, with_head = "rtn:bits=4,group=16", "rtn:bits=4,group=16+rtn:bits=6,group=16@lm_head"
+    assert [s.config.bits for s in Recipe.parse(with_head).stages_for("model.layers.0.mlp.up_proj")] == [4]
+    assert Recipe.parse(blocks).stages_for("lm_head", explicit=True) == []
+    assert [s.config.bits for s in Recipe.parse(with_head).stages_for("lm_head", explicit=True)] == [6]
+    assert len(Recipe.parse("rtn:bits=4,group=16@*").stages_for("lm_head", explicit=True)) == 1
+    assert Recipe.parse("rtn:bits=4,group=16@*.down_proj").stages_for("lm_head", explicit=True) == []
+    assert Recipe.parse(with_head).to_string() == with_head
+
+
 @pytest.mark.parametrize("text, msg", [
     ("", "empty"),
     ("nosuch:bits=4", "unknown method 'nosuch'"),

@@ -4,11 +4,17 @@ A recipe is an ordered list of stages; a stage is a registered method, its typed
 config, and the layers it applies to (shell-style patterns over full layer names such
 as `model.layers.3.mlp.down_proj`; none means every block linear).
 
+The output head (`lm_head`) is compressed only by a stage whose patterns match its name
+— `@lm_head`, or `@*`, which matches every layer, head included; a stage without
+patterns never touches it. With tied embeddings the input embedding then reads its
+rows from the compressed head (see `slimlm.formats.linear.CompressedEmbedding`).
+
 One-line form — stages joined by `+`, options after `:`, layer patterns after `@`:
 
     rtn:bits=4,group=64
     rtn:bits=3,group=64+rtn:bits=8,group=64@*.down_proj      keep every down_proj at 8 bits
     wanda:sparsity=0.5+gptq:bits=4,group=128
+    rtn:bits=3,group=64+rtn:bits=6,group=64@lm_head           the head (and tied embedding) at 6 bits
     none                                                      no compression (the baseline)
 
 Per layer, among the matching stages of the same kind (quantize / prune / transform)
@@ -43,8 +49,12 @@ class Stage:
     def spec(self) -> MethodSpec:
         return get_method(self.method)
 
-    def matches(self, name: str) -> bool:
-        return not self.layers or any(fnmatch.fnmatchcase(name, p) for p in self.layers)
+    def matches(self, name: str, explicit: bool = False) -> bool:
+        """Whether this stage applies to layer `name`; a stage without patterns applies to
+        every block linear, but not to a layer that only `explicit` patterns may name."""
+        if not self.layers:
+            return not explicit
+        return any(fnmatch.fnmatchcase(name, p) for p in self.layers)
 
     def to_string(self) -> str:
         opts = ",".join(f"{k}={_fmt(v)}" for k, v in config_options(self.config, shown=True).items())
@@ -158,11 +168,12 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # ---- which stages apply to which layer -------------------------------------------------
-    def stages_for(self, name: str) -> list[Stage]:
-        """The stages applied to layer `name`, in order: per kind, the last matching stage wins."""
+    def stages_for(self, name: str, explicit: bool = False) -> list[Stage]:
+        """The stages applied to layer `name`, in order: per kind, the last matching stage wins.
+        `explicit`: only stages whose patterns match `name` count (the output head)."""
         chosen: dict = {}
         for i, st in enumerate(self.stages):
-            if st.matches(name):
+            if st.matches(name, explicit):
                 chosen[st.spec.kind] = (i, st)
         return [st for _, st in sorted(chosen.values(), key=lambda t: t[0])]
 
