@@ -14,6 +14,7 @@ import sys
 EPILOG_COMPRESS = """recipes (one-line form; see slimlm.compress.recipe):
   rtn:bits=4,group=64                          4-bit round-to-nearest, groups of 64 (4.5 bpw)
   rtn:bits=3,group=64+rtn:bits=8@*.down_proj   mixed precision: down_proj at 8 bits
+  rtn:bits=3,group=64+rtn:bits=6@lm_head       the output head (and tied embedding) too, at 6 bits
   rtn:bits=4,group=channel,sym=true            per-channel, symmetric
   recipe.yaml / recipe.json                    the same as data
 methods: {methods}"""
@@ -67,7 +68,8 @@ def cmd_compress(a) -> int:
     if a.json:
         print_json(out)
     else:
-        print(f"wrote {a.output}: {rep['bpw']:.3f} bits per weight in the block linears, "
+        head = f" (head {rep['head_bpw']:.3f})" if rep["head_bpw"] is not None else ""
+        print(f"wrote {a.output}: {rep['bpw']:.3f} bits per weight in the block linears{head}, "
               f"{rep['size_bytes'] / 1e6:.1f} MB, compressed in {out['compress_seconds']:.1f} s")
     return 0
 
@@ -158,7 +160,9 @@ def cmd_info(a) -> int:
         return 0
     print(f"{a.model}: {out['model_type']}, {out['blocks']} blocks, from {out['source']}")
     print(f"recipe: {out['recipe']}")
-    print(f"{rep['bpw']:.3f} bits per weight over {rep['linear_weights']:,} block-linear weights; {rep['size_bytes'] / 1e6:.1f} MB")
+    head = f", head {rep['head_bpw']:.3f}" if rep["head_bpw"] is not None else ""
+    print(f"{rep['bpw']:.3f} bits per weight over {rep['linear_weights']:,} block-linear weights{head}; "
+          f"{rep['size_bytes'] / 1e6:.1f} MB")
     if out["layers"]:
         w = max(len(n) for n in out["layers"])
         print(f"{'layer'.ljust(w)}  {'method':8} {'format':6} {'shape':>11} {'bpw':>7}")

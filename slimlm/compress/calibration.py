@@ -89,17 +89,21 @@ class StatsCollector:
 
     def _hook(self, full: str):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            self.count[full] += x.shape[0]
-            if full in self.hessian:
-                self.hessian[full] += (x.T @ x).double()
-            if full in self.act_norm:
-                self.act_norm[full] += x.pow(2).sum(0).double()
-            if full in self.inputs:
-                start = (-self.count[full] + x.shape[0]) % self.stride  # keeps the stride across windows
-                self.inputs[full].append(x[start :: self.stride].clone())
+            self.add(full, args[0])
 
         return hook
+
+    def add(self, full: str, x: torch.Tensor) -> None:
+        """Account the inputs `x` (..., in) of layer `full` (what the hook sees)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.count[full] += x.shape[0]
+        if full in self.hessian:
+            self.hessian[full] += (x.T @ x).double()
+        if full in self.act_norm:
+            self.act_norm[full] += x.pow(2).sum(0).double()
+        if full in self.inputs:
+            start = (-self.count[full] + x.shape[0]) % self.stride  # keeps the stride across windows
+            self.inputs[full].append(x[start :: self.stride].clone())
 
     def remove(self) -> None:
         for h in self._handles:

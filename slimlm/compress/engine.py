@@ -1,6 +1,7 @@
 """The sequential engine: compress a model block by block with a recipe.
 
-    plan      every block linear -> the stages that apply to it (Recipe.stages_for);
+    plan      every block linear -> the stages that apply to it (Recipe.stages_for),
+              then the output head when a stage's patterns name it (`@lm_head`, `@*`);
               each stage's `check` runs on every layer before any work starts
     calibrate only when a stage needs statistics: calibration windows run through the
               model up to block 0, then through each block in turn — after that block
@@ -8,6 +9,12 @@
               block's activations are held at a time
     compress  per layer, stages in order; each gets the weight left by the one before
               (the dequantized result) and its packed output as `stats.prev`
+    head      last, after every block; a method that needs statistics gets them from the
+              final norm's output on the calibration windows (the last block's outputs,
+              normed). With tied embeddings the input embedding then gathers rows of the
+              compressed head (`CompressedEmbedding`), so the table is stored once; the
+              blocks were calibrated with the original embedding, as compression runs
+              front to back. An untied model keeps its dense embedding.
 
 The model is changed in place: compressed layers become `CompressedLinear`s.
 """
@@ -25,7 +32,7 @@ from slimlm.compress.calibration import BlockInputs, StatsCollector
 from slimlm.compress.recipe import Recipe
 from slimlm.data import Split, calibration_windows, resolve_text
 from slimlm.errors import SlimlmError
-from slimlm.formats.linear import CompressedLinear, replace_linear
+from slimlm.formats.linear import CompressedLinear, replace_linear, tie_compressed_embedding
 from slimlm.methods import Kind, LayerStats
 from slimlm.models.loaded import LoadedModel
 
@@ -54,10 +61,12 @@ class CalibrationConfig:
 
 
 def plan_layers(lm: LoadedModel, recipe: Recipe) -> dict[str, list]:
-    """Layer name -> stages, with every stage's check run first (fail before any work)."""
+    """Layer name -> stages, with every stage's check run first (fail before any work): the
+    block linears in order, then the head if a stage's patterns name it explicitly."""
     plan = {}
-    for name in lm.adapter.linear_names(lm.model):
-        stages = recipe.stages_for(name)
+    names = [(n, False) for n in lm.adapter.linear_names(lm.model)] + [(lm.adapter.head_path, True)]
+    for name, explicit in names:
+        stages = recipe.stages_for(name, explicit)
         if not stages:
             continue
         mod = lm.model.get_submodule(name)
@@ -88,6 +97,33 @@ def compress_layer(weight: torch.Tensor, stages: list, stats: LayerStats):
     return packed
 
 
+def compress_head(lm: LoadedModel, stages: list, inputs: BlockInputs | None, seed: int = 0) -> None:
+    """Compress the output head with `stages`; `inputs` holds the last block's outputs when a
+    stage needs statistics. Tied embeddings become a `CompressedEmbedding` of the new head."""
+    model, ad = lm.model, lm.adapter
+    lin = model.get_submodule(ad.head_path)
+    emb = model.get_submodule(ad.embed_path)
+    tied = emb.weight.data_ptr() == lin.weight.data_ptr()  # one table: tie_word_embeddings
+    needs = frozenset().union(*(st.spec.needs for st in stages))
+    collected = {}
+    if needs:
+        h = inputs.hidden  # (n, T, d): the last block's outputs
+        stride = -(-h.shape[0] * h.shape[1] // MAX_INPUT_ROWS) if "inputs" in needs else 0
+        col = StatsCollector(model, {ad.head_path: ad.head_path}, "hessian" in needs, "act_norm" in needs, stride)
+        col.remove()  # fed directly below: the head's (T, V) products are not needed
+        norm = model.get_submodule(ad.norm_path)
+        with torch.inference_mode():
+            for x in h:
+                col.add(ad.head_path, norm(x.unsqueeze(0)))
+        collected = col.stats(ad.head_path)
+    stats = LayerStats(name=ad.head_path, seed=seed, dtype=lin.weight.dtype, **collected)
+    packed = compress_layer(lin.weight.detach().float(), stages, stats)
+    method = "+".join(st.method for st in stages)
+    replace_linear(model, ad.head_path, CompressedLinear(packed, bias=lin.bias, method=method))
+    if tied:
+        tie_compressed_embedding(model, ad.embed_path, ad.head_path, dtype=emb.weight.dtype)
+
+
 def compress_model(
     lm: LoadedModel,
     recipe: Recipe | str,
@@ -102,6 +138,8 @@ def compress_model(
     t0 = time.perf_counter()
     plan = plan_layers(lm, recipe)
     needs = frozenset().union(*(st.spec.needs for stages in plan.values() for st in stages))
+    head = lm.adapter.head_path
+    head_needs = frozenset().union(*(st.spec.needs for st in plan.get(head, ())))
     blocks = lm.adapter.blocks(lm.model)
     prefix = lm.adapter.blocks_path
     inputs = None
@@ -130,10 +168,12 @@ def compress_model(
             packed = compress_layer(lin.weight.detach().float(), plan[full], stats)
             method = "+".join(st.method for st in plan[full])
             replace_linear(block, local, CompressedLinear(packed, bias=lin.bias, method=method))
-        if inputs is not None and i + 1 < len(blocks):
+        if inputs is not None and (i + 1 < len(blocks) or head_needs):
             inputs.advance(block)
         bar.update(1)
     bar.close()
+    if head in plan:
+        compress_head(lm, plan[head], inputs if head_needs else None, seed)
     lm.kind = "slimlm"
     lm.manifest = dict(
         slimlm_version=slimlm.__version__,

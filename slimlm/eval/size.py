@@ -1,10 +1,13 @@
 """Size accounting: bits per weight of the block linears and bytes of the whole model.
 
 `bpw` is counted over the decoder blocks' linear layers — the layers a recipe
-compresses: a compressed layer counts its format's exact `nbits()`, an uncompressed
-one its stored element size (32 bits in fp32). `size_bytes` is the saved directory's
-size when the model came from disk, else what saving it would write (packed bits plus
-every remaining tensor, shared tensors once).
+compresses by default: a compressed layer counts its format's exact `nbits()`, an
+uncompressed one its stored element size (32 bits in fp32). The output head is not in
+it (a recipe compresses it only when it names it); `head_bpw` gives its bits per weight
+when it is compressed (None when dense), and its bytes are in `size_bytes` either way.
+`size_bytes` is the saved directory's size when the model came from disk, else what
+saving it would write (packed bits plus every remaining tensor, shared tensors once —
+a tied, compressed head's table once, packed).
 """
 
 from __future__ import annotations
@@ -46,7 +49,16 @@ def model_bytes(lm) -> int:
     return total
 
 
+def head_bpw(lm) -> float | None:
+    """Bits per weight of the output head when it is compressed, else None."""
+    head = lm.model.get_submodule(lm.adapter.head_path)
+    if not isinstance(head, CompressedLinear):
+        return None
+    return head.packed.nbits() / (head.out_features * head.in_features)
+
+
 def size_report(lm, path: str | Path | None = None) -> dict:
     bits, numel = linear_bits(lm)
     size = dir_bytes(path) if path is not None and Path(path).is_dir() else model_bytes(lm)
-    return {"bpw": bits / numel, "linear_bits": bits, "linear_weights": numel, "size_bytes": size}
+    return {"bpw": bits / numel, "linear_bits": bits, "linear_weights": numel, "head_bpw": head_bpw(lm),
+            "size_bytes": size}

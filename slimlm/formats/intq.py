@@ -96,6 +96,21 @@ class IntQuant:
             return (q - float(1 << (self.bits - 1))) * s
         return q * s + expand_groups(self.mins.float(), self.group, self.in_features)
 
+    def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """`dequantize()[idx]` for row indices `idx` (k,), decoding only those rows when
+        each row's codes fill whole bytes (in·bits divisible by 8), the whole matrix otherwise."""
+        row_bits = self.in_features * self.bits
+        if row_bits % 8:
+            return self.dequantize()[idx]
+        nb = row_bits // 8
+        rows = self.codes.view(self.out_features, nb)[idx]  # (k, nb) bytes of the chosen rows
+        q = bitpack.unpack(rows.reshape(-1), self.bits, idx.numel() * self.in_features)
+        q = q.view(idx.numel(), self.in_features).to(torch.float32)
+        s = expand_groups(self.scales[idx].float(), self.group, self.in_features)
+        if self.symmetric:
+            return (q - float(1 << (self.bits - 1))) * s
+        return q * s + expand_groups(self.mins[idx].float(), self.group, self.in_features)
+
     def nbits(self) -> int:
         n = stored_bits(self.codes) + stored_bits(self.scales)
         return n + (stored_bits(self.mins) if self.mins is not None else 0)

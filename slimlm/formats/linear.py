@@ -17,6 +17,11 @@ Layers are built with `reference` (bit-for-bit what compression and evaluation
 measured); the runtime (`slimlm.runtime`) switches a model it runs to `auto`.
 A format no kernel serves, or a machine where the extension did not build, always runs
 the reference path (the latter with one warning).
+
+`CompressedEmbedding` is the input embedding of a model whose tied output head is a
+`CompressedLinear`: it holds no weights of its own and gathers rows of the head's
+dequantized weight, so the table is stored once, packed (`tie_compressed_embedding`).
+An untied model keeps its dense embedding when its head is compressed.
 """
 
 from __future__ import annotations
@@ -95,6 +100,64 @@ class CompressedLinear(nn.Module):
         p = self.packed
         return (f"in={self.in_features}, out={self.out_features}, format={p.format_name}, "
                 f"bpw={bits_per_weight(p):.3f}, kernel={self.kernel.value}")
+
+
+class CompressedEmbedding(nn.Module):
+    """Token ids -> rows of a compressed head's weight, (..., d) in `dtype` (the source
+    embedding's dtype, as an nn.Embedding would return them).
+
+    Rows come from the head's cached dequantized weight when there is one; otherwise from
+    the format's `dequantize_rows(idx)` when it offers one (equal to `dequantize()[idx]`),
+    otherwise from the head's `weight`. The head is not registered as a submodule: it
+    lives at its own path, and module listings and state dicts must see it once, there.
+    """
+
+    def __init__(self, head: CompressedLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        object.__setattr__(self, "head", head)  # a plain reference, not a child module
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype = dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (V, d) float32 table: the head's weight."""
+        return self.head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        rows_of = getattr(head.packed, "dequantize_rows", None)
+        if head._weight is None and rows_of is not None:
+            flat = ids.reshape(-1)
+            uniq, inv = torch.unique(flat, return_inverse=True)  # each row decoded once
+            rows = rows_of(uniq)[inv]
+        else:
+            rows = head.weight[ids.reshape(-1)]
+        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the compressed head"
+
+
+def tie_compressed_embedding(model: nn.Module, embed_path: str, head_path: str,
+                             dtype: torch.dtype | None = None) -> CompressedEmbedding:
+    """Make the embedding at `embed_path` read its rows from the CompressedLinear at
+    `head_path` (tied embeddings); `dtype` defaults to the embedding's current dtype.
+
+    transformers' `tie_weights()` (run by post_init, resizing, loading) would set
+    `lm_head.weight` to `embed_tokens.weight`, neither of which is a parameter any more;
+    the tie now lives in the module, so that pair leaves the model's tie mapping."""
+    head = model.get_submodule(head_path)
+    old = model.get_submodule(embed_path)
+    if dtype is None:
+        dtype = old.dtype if isinstance(old, CompressedEmbedding) else old.weight.dtype
+    emb = CompressedEmbedding(head, dtype)
+    replace_linear(model, embed_path, emb)
+    keys = {f"{head_path}.weight", f"{embed_path}.weight"}
+    for attr in ("_tied_weights_keys", "all_tied_weights_keys"):
+        mapping = getattr(model, attr, None)
+        if mapping:
+            setattr(model, attr, {k: v for k, v in mapping.items() if k not in keys and v not in keys})
+    return emb
 
 
 def replace_linear(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

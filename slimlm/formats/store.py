@@ -6,6 +6,11 @@
     packed.safetensors    the packed tensors of each compressed layer, keyed "<layer>/<field>"
     tokenizer files
 
+A compressed output head with tied embeddings is stored once, in packed.safetensors; its
+manifest entry names the embedding that reads it (`"embedding": "model.embed_tokens"`),
+which dense.safetensors then does not hold, and loading rebuilds it as a
+`CompressedEmbedding` of the head.
+
 A directory is written to a temporary sibling and renamed into place, so an
 interrupted save leaves nothing half-written; an existing output is replaced only
 when `overwrite=True`, and then only after the new directory is complete.
@@ -21,7 +26,7 @@ import torch
 from slimlm.atomic import atomic_directory
 from slimlm.errors import SlimlmError
 from slimlm.formats.base import format_class
-from slimlm.formats.linear import CompressedLinear, replace_linear
+from slimlm.formats.linear import CompressedEmbedding, CompressedLinear, replace_linear, tie_compressed_embedding
 from slimlm.models.loaded import LoadedModel
 
 MANIFEST = "slimlm.json"
@@ -37,7 +42,9 @@ def is_compressed_dir(path: str | Path) -> bool:
 
 
 def layer_table(model: torch.nn.Module) -> dict[str, dict]:
-    """Per compressed layer: method, format, shape, exact bits and bits per weight."""
+    """Per compressed layer: method, format, shape, exact bits and bits per weight, and the
+    embedding that reads its rows (a tied, compressed head)."""
+    readers = {id(m.head): n for n, m in model.named_modules() if isinstance(m, CompressedEmbedding)}
     table = {}
     for name, mod in compressed_layers(model).items():
         p = mod.packed
@@ -45,6 +52,8 @@ def layer_table(model: torch.nn.Module) -> dict[str, dict]:
         meta, _ = p.to_state()
         table[name] = dict(method=mod.method, format=p.format_name, shape=list(p.shape), nbits=p.nbits(),
                            numel=numel, bpw=p.nbits() / numel, meta=meta)
+        if id(mod) in readers:
+            table[name]["embedding"] = readers[id(mod)]
     return table
 
 
@@ -123,6 +132,12 @@ def load_compressed(path: str | Path, cache: bool | None = None) -> LoadedModel:
         packed = format_class(entry["format"]).from_state(entry["meta"], tensors)
         bias = dense.pop(f"{name}.bias", None)
         replace_linear(model, name, CompressedLinear(packed, bias=bias, method=entry.get("method", ""), cache=cache))
+        if entry.get("embedding"):  # tied: the embedding gathers rows of this layer
+            try:
+                tie_compressed_embedding(model, entry["embedding"], name, dtype=dtype)
+            except AttributeError:
+                raise SlimlmError(f"{path / MANIFEST} ties layer {name} to an embedding {entry['embedding']!r} "
+                                  "this model does not have; the directory is corrupt") from None
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     if unexpected:
         raise SlimlmError(f"{path}/dense.safetensors holds tensors this model has no place for: {unexpected[:3]}")

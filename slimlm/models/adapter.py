@@ -40,6 +40,7 @@ class Adapter:
     block_linears: tuple[str, ...]
     blocks_path: str = "model.layers"
     embed_path: str = "model.embed_tokens"
+    norm_path: str = "model.norm"  # the final norm; its output is the head's input
     head_path: str = "lm_head"
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:

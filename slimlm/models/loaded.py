@@ -39,12 +39,17 @@ class LoadedModel:
             for p in self.model.parameters():
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
+        emb = self.model.get_input_embeddings()
+        if not isinstance(emb, nn.Embedding):  # a compressed embedding returns rows in its `dtype`
+            emb.dtype = dtype
         self.model.config.dtype = dtype
         return self
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
+        """The model's compute dtype: its input embedding's (a compressed one states it)."""
+        emb = self.model.get_input_embeddings()
+        return emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
 
     @property
     def config(self):

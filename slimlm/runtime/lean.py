@@ -11,7 +11,10 @@ reference path otherwise.
     GQA           queries grouped by their KV head, no repeated keys
     qk-norm       Qwen3's per-head RMSNorm of q and k before rope
     sliding       Mistral / Qwen2 sliding-window layers mask keys older than the window
-    head          the output head, optionally quantized here (`RuntimeConfig.head_bits`)
+    head          the output head — as loaded (compressed by the recipe or dense), or
+                  quantized here (`RuntimeConfig.head_bits`)
+    embedding     rows gathered through the model's input-embedding module: an
+                  nn.Embedding, or the `CompressedEmbedding` of a tied, compressed head
 
 The cache holds `tokens`: a new prompt that starts with them reuses their keys and
 values (multi-turn chat), and `truncate(n)` rolls back (speculative decoding).
@@ -121,13 +124,13 @@ class LeanModel:
         self.blocks = [_Block(layer, runtime.kernel) for layer in model.model.layers]
         self.n_kv = [b.k_out // self.hd for b in self.blocks]  # read from the weights: pruned heads stay right
         self.windows = self._windows(cfg)
-        self.embed = model.get_input_embeddings().weight  # (V, d)
+        self.embed = model.get_input_embeddings()  # ids (T,) -> (T, d)
         self.norm = model.model.norm.weight
         self.head = self._head(model, runtime)
         self.max_seq = min(runtime.max_seq, getattr(cfg, "max_position_embeddings", runtime.max_seq) or runtime.max_seq)
         with torch.no_grad():  # (max_seq, hd) tables from the model's own rotary module
             pos = torch.arange(self.max_seq).unsqueeze(0)
-            cos, sin = model.model.rotary_emb(self.embed[:1].float().unsqueeze(0), pos)
+            cos, sin = model.model.rotary_emb(torch.zeros(1, 1, self.dim), pos)  # x only gives dtype and device
         self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -195,7 +198,7 @@ class LeanModel:
         T, pos = len(ids), len(self.tokens)
         L = pos + T
         self._ensure(L)
-        x = self.embed[torch.tensor(ids)].float()  # (T, d)
+        x = self.embed(torch.tensor(ids)).float()  # (T, d)
         cos, sin = self.cos[pos:L].unsqueeze(1), self.sin[pos:L].unsqueeze(1)  # (T, 1, hd)
         hd, scale = self.hd, self.hd ** -0.5
         qpos = torch.arange(pos, L).unsqueeze(1)  # (T, 1)

@@ -54,6 +54,7 @@ def draft_model(model: nn.Module, bits: int = 2, group: int = 32) -> nn.Module:
         raise SlimlmError(f"draft bits must be in 2..8, got {bits}")
     memo = {id(p): p for p in model.parameters()}  # share every tensor; only the linears are replaced
     memo.update({id(b): b for b in model.buffers()})
+    memo.update({id(m): m for m in model.modules() if isinstance(m, CompressedLinear)})  # a compressed head too
     draft = copy.deepcopy(model, memo)
     for name in adapter_for(draft).linear_names(draft):
         lin = draft.get_submodule(name)
