@@ -1,8 +1,14 @@
-"""The C kernels against each format's reference `dequantize()`.
+"""The C kernels against each format's reference `dequantize()`, on both kernel paths.
 
-Tolerance: the kernels compute the same sums as `x @ dequantize().T` in another order
-(per 16-lane chunk, group by group), so they agree to float32 rounding: here within
-2e-5 of the largest output magnitude. Dequantization in C is bit-exact.
+Tolerances:
+- float path: the same sums as `x @ dequantize().T` in another order (per 16-lane chunk,
+  group by group), so equal to float32 rounding: within 2e-5 of the largest output.
+- int8 path: it computes `quantize_activations(x) @ dequantize().T` (x rounded to int8 per
+  block of 32 columns), so it equals that emulation to the same 2e-5; against the exact
+  product its error is the activation rounding's: a rounding step of max|x| / 127 per
+  block, uniform error of rms step / √12 ≈ 0.0057 σ for Gaussian x (max of 32 ≈ 2.5 σ),
+  so the relative error of the output vector is ≈ 0.6 %: asserted < 1e-2 over ≥ 96 outputs.
+Dequantization in C is bit-exact on both layouts.
 """
 
 import pytest
@@ -10,48 +16,126 @@ import torch
 
 from slimlm.formats import FORMATS, CompressedLinear
 from slimlm.formats.linear import Kernel
-from slimlm.kernels import available, kernel_for
-from slimlm.kernels.intq import IntQKernel, repack
+from slimlm.kernels import available, extension, kernel_for
+from slimlm.kernels.intq import IntQKernel, Path, default_path, quantize_activations, repack, repack_i8
 from slimlm.methods.affine import quantize_rtn
 
 pytestmark = pytest.mark.skipif(not available(), reason="C kernels not built on this machine")
 
 TOL = 2e-5
-# (out, in, group): the embedded model's widths, rows not a multiple of any tile, odd and short last groups
-SHAPES = [(7, 576, 32), (5, 1536, 64), (3, 576, 96), (9, 100, 32), (4, 50, 7), (2, 64, 64), (11, 1536, 1536), (6, 40, 0)]
+# (out, in, group): the embedded model's widths with groups 32/64/96/128/per-channel (0), rows not a
+# multiple of any tile, odd and short last groups, groups that pad to 16 rather than 32
+SHAPES = [(7, 576, 32), (5, 1536, 64), (3, 576, 96), (5, 576, 128), (6, 1536, 128), (3, 576, 0), (11, 1536, 0),
+          (9, 100, 32), (4, 50, 7), (2, 64, 64), (5, 80, 64), (3, 96, 48), (6, 40, 0)]
+BATCHES = range(1, 17)  # matrix-vector and every small batch (tiled by 4); 17+ rows take the prefill path
 
 
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def _packed(bits, sym, out, inp, group):
+    g = torch.Generator().manual_seed(bits * 100 + out + inp + group)
+    return quantize_rtn(torch.randn(out, inp, generator=g), bits, group, sym), g
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("out,inp,group", SHAPES)
-def test_intq_kernel_matches_reference(bits, sym, out, inp, group):
-    g = torch.Generator().manual_seed(bits * 100 + out + inp)
-    p = quantize_rtn(torch.randn(out, inp, generator=g), bits, group, sym)
-    k = kernel_for(p)
+def test_float_path_matches_reference(bits, sym, out, inp, group):
+    p, g = _packed(bits, sym, out, inp, group)
+    k = IntQKernel(p, extension(), Path.FLOAT)
     ref = p.dequantize()
     assert torch.equal(k.dequantize(), ref)  # C dequantization is exact
-    for m in (1, 5, 17):  # matrix-vector, small batches (tiled by 4), and the prefill path
+    for m in (1, 2, 3, 4, 5, 16, 17):
         x = torch.randn(m, inp, generator=g)
         assert _rel(k(x), x @ ref.T) < TOL, m
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("out,inp,group", SHAPES)
+def test_int8_path_equals_its_emulation(bits, sym, out, inp, group):
+    p, g = _packed(bits, sym, out, inp, group)
+    k = IntQKernel(p, extension(), Path.INT8)
+    ref = p.dequantize()
+    assert torch.equal(k.dequantize(), ref)
+    for m in BATCHES:
+        x = torch.randn(m, inp, generator=g)
+        assert _rel(k(x), quantize_activations(x, p.group) @ ref.T) < TOL, m
+    x = torch.randn(17, inp, generator=g)  # prefill: exact, from the dequantized weights
+    assert _rel(k(x), x @ ref.T) < TOL
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("inp,group", [(576, 32), (576, 64), (1536, 128), (576, 0), (1536, 0)])
+def test_int8_path_error_is_the_activation_rounding(bits, sym, inp, group):
+    p, g = _packed(bits, sym, 96, inp, group)
+    k = IntQKernel(p, extension(), Path.INT8)
+    for m in (1, 16):
+        x = torch.randn(m, inp, generator=g)
+        ref = x @ p.dequantize().T
+        assert float((k(x) - ref).norm() / ref.norm()) < 1e-2, m
+
+
+def test_int8_rows_do_not_depend_on_the_batch():
+    """Each activation row is quantized and summed alone: a batch gives each row's single-row result
+    exactly (speculative verification relies on it)."""
+    p, g = _packed(3, False, 37, 576, 32)
+    k = IntQKernel(p, extension(), Path.INT8)
+    x = torch.randn(16, 576, generator=g)
+    y = k(x)
+    for i in range(16):
+        assert torch.equal(y[i], k(x[i:i + 1])[0])
+
+
+@pytest.mark.parametrize("path", list(Path))
+def test_portable_kernels_match(monkeypatch, path):
+    """The C loops that run without AVX-512 (SLIMLM_NO_AVX512 forces them)."""
+    monkeypatch.setenv("SLIMLM_NO_AVX512", "1")
+    assert extension().has_vnni() is False
+    for bits, sym, out, inp, group in [(2, False, 5, 576, 32), (3, True, 6, 1536, 0), (4, False, 3, 50, 7),
+                                       (8, True, 4, 96, 48), (5, False, 3, 576, 96)]:
+        p, g = _packed(bits, sym, out, inp, group)
+        k = IntQKernel(p, extension(), path)
+        ref = p.dequantize()
+        assert torch.equal(k.dequantize(), ref)
+        for m in (1, 6):
+            x = torch.randn(m, inp, generator=g)
+            xr = quantize_activations(x, p.group) if path is Path.INT8 else x
+            assert _rel(k(x), xr @ ref.T) < TOL
+
+
+def test_default_path_and_its_override(monkeypatch):
+    from slimlm.errors import SlimlmError
+    from slimlm.kernels.intq import DEFAULT_PATH
+
+    ext = extension()
+    monkeypatch.delenv("SLIMLM_INTQ_PATH", raising=False)
+    assert default_path(ext) is (DEFAULT_PATH if ext.has_vnni() else Path.FLOAT)
+    monkeypatch.setenv("SLIMLM_INTQ_PATH", "int8")
+    p, _ = _packed(4, False, 3, 64, 32)
+    assert IntQKernel(p, ext).path is Path.INT8 and IntQKernel(p, ext, "float").path is Path.FLOAT
+    monkeypatch.setenv("SLIMLM_INTQ_PATH", "int4")
+    with pytest.raises(SlimlmError, match="SLIMLM_INTQ_PATH"):
+        IntQKernel(p, ext)
 
 
 def test_repacked_codes_take_the_stored_bytes_when_aligned():
     p = quantize_rtn(torch.randn(8, 576), 3, 32)
     assert repack(p).numel() == p.codes.numel()  # 576 = 9 superblocks of 64 codes, 24 bytes each
+    assert repack_i8(p).numel() == p.codes.numel()  # 18 blocks of 32: one tile of 16, one of 2 × 8 lanes
 
 
-def test_stacked_kernel_is_the_concatenation():
+@pytest.mark.parametrize("path", list(Path))
+def test_stacked_kernel_is_the_concatenation(path):
     g = torch.Generator().manual_seed(0)
     ps = [quantize_rtn(torch.randn(o, 96, generator=g), 4, 32) for o in (9, 3, 3)]
-    from slimlm.kernels import extension
-
-    k = IntQKernel(ps, extension())
+    k = IntQKernel(ps, extension(), path)
     x = torch.randn(2, 96, generator=g)
-    ref = x @ torch.cat([p.dequantize() for p in ps]).T
+    xr = quantize_activations(x, 32) if path is Path.INT8 else x
+    ref = xr @ torch.cat([p.dequantize() for p in ps]).T
     assert k(x).shape == (2, 15) and _rel(k(x), ref) < TOL
     with pytest.raises(ValueError):
         IntQKernel([ps[0], quantize_rtn(torch.randn(3, 96), 3, 32)], extension())
@@ -65,8 +149,9 @@ def test_compressed_linear_kernel_choice(kernel):
     lin = CompressedLinear(p, bias=b, kernel=kernel)
     for rows in (1, 40):
         x = torch.randn(rows, 64, generator=g)
-        ref = x @ p.dequantize().T + b
         y = lin(x)
+        int8 = kernel is not Kernel.REFERENCE and rows <= 16 and lin.kernel_op().path is Path.INT8
+        ref = (quantize_activations(x, 16) if int8 else x) @ p.dequantize().T + b
         if kernel is Kernel.REFERENCE:
             assert torch.equal(y, torch.nn.functional.linear(x, p.dequantize(), b))
         assert _rel(y, ref) < TOL
@@ -88,5 +173,7 @@ def test_every_registered_format_has_a_working_path():
             continue  # formats of other methods: covered by the CompressedLinear fallback below
         lin = CompressedLinear(p, kernel=Kernel.AUTO)
         x = torch.randn(2, 64)
-        assert _rel(lin(x), x @ p.dequantize().T) < TOL
-        assert (kernel_for(p) is not None) == (name == "int")
+        op = kernel_for(p)
+        xr = quantize_activations(x, 32) if op is not None and op.path is Path.INT8 else x
+        assert _rel(lin(x), xr @ p.dequantize().T) < TOL
+        assert (op is not None) == (name == "int")

@@ -1,6 +1,21 @@
 """The IntQuant kernel operator: repack once at load time, then products straight from codes.
 
-`repack(packed)` turns the format's row-major little-endian bit stream into the kernel's
+Two paths (`Path`), chosen per kernel when it is built:
+
+- `int8`: each activation row is rounded to int8 per block of 32 columns (inside a group;
+  one fp32 scale per block), and each group's products are integer dot products
+  (AVX-512 VNNI `vpdpbusd`, unsigned codes × signed activations) scaled in float —
+  llama.cpp's Q4_1 × Q8_1 scheme. Not equal to `x @ dequantize().T`: it computes
+  `quantize_activations(x) @ dequantize().T` (to float rounding), whose relative error
+  from the exact product is ~0.5 % for Gaussian x (rounding step max|x| / 127 per block).
+  Layout and arithmetic: csrc/intq_i8.c (`repack_i8`). Without VNNI a portable C loop runs it.
+- `float`: float32 activations, results equal `x @ dequantize().T` to float rounding.
+  Compute-bound at 3–4 cycles per 16 weights, so low bit widths gain little.
+
+The default (`default_path`): SLIMLM_INTQ_PATH=int8|float when set, else DEFAULT_PATH
+where the CPU has AVX-512 VNNI, else `float`. (Decision and measurements: DEFAULT_PATH.)
+
+`repack(packed)` (float path) turns the format's row-major little-endian bit stream into the kernel's
 layout (documented in csrc/intq.c): groups padded to multiples of 16 codes, superblocks
 of 64 codes stored as 4-, 2- and 1-bit planes, 8·bits bytes each. The repacked codes
 take the same bytes as the stored ones when the group size is a multiple of 16 and the
@@ -14,11 +29,35 @@ and call torch's matmul, which is faster per token once the weights are reused m
 
 from __future__ import annotations
 
+import os
+from enum import Enum
+
 import torch
+
+from slimlm.errors import SlimlmError
 
 SB = 64  # codes per superblock
 CHUNK = 16  # codes per chunk; groups are padded to a multiple of it
 SMALL_BATCH = 16
+
+
+class Path(str, Enum):
+    INT8 = "int8"  # int8 activations, integer dot products
+    FLOAT = "float"  # float32 activations, exact to float rounding
+
+
+DEFAULT_PATH = Path.FLOAT
+
+
+def default_path(ext) -> Path:
+    """The path a kernel takes when none is given: $SLIMLM_INTQ_PATH, else DEFAULT_PATH on a CPU with VNNI."""
+    env = os.environ.get("SLIMLM_INTQ_PATH")
+    if env:
+        try:
+            return Path(env)
+        except ValueError:
+            raise SlimlmError(f"SLIMLM_INTQ_PATH={env!r} is not a kernel path; use int8 or float") from None
+    return DEFAULT_PATH if ext.has_vnni() else Path.FLOAT
 
 
 def padded_positions(in_features: int, group: int) -> tuple[torch.Tensor, int]:
@@ -55,6 +94,73 @@ def repack(packed) -> torch.Tensor:
     return torch.cat([p.reshape(out, nsb, -1) for p in planes], dim=2).to(torch.uint8).reshape(out, -1).contiguous()
 
 
+def act_block(group: int) -> int:
+    """Columns per int8 activation block: 32, or 16 when the group padded to 16 is not a multiple of 32."""
+    return 32 if (-(-group // CHUNK) * CHUNK) % 32 == 0 else 16
+
+
+def i8_columns(in_features: int, group: int) -> torch.Tensor:
+    """(row_codes,) the column of each position of an int8-path row, -1 for pads (csrc/intq_i8.c)."""
+    b = act_block(group)
+    spg = -(-group // b)
+    nsub = -(-in_features // group) * spg
+    nfull, rem = divmod(nsub, 16)
+    tiles = [(16 * i, 1) for i in range(nfull)]
+    if rem:
+        tiles.append((16 * nfull, min(16 // (1 << (rem - 1).bit_length()), b // 4)))
+    cols = []
+    for sb0, r in tiles:  # (steps, lanes, 4): code 4k + p of lane l
+        k = torch.arange(b // (4 * r)).view(-1, 1, 1)
+        lane = torch.arange(16).view(1, -1, 1)
+        sb = sb0 + lane // r
+        g = sb // spg
+        off = (sb % spg) * b + (lane % r) * (b // r) + 4 * k + torch.arange(4)
+        valid = (sb < nsub) & (off < (in_features - g * group).clamp(max=group))
+        cols.append(torch.where(valid, g * group + off, -1).reshape(-1))
+    return torch.cat(cols)
+
+
+def repack_i8(packed) -> torch.Tensor:
+    """(out, row_codes · bits / 8) uint8: an IntQuant's codes in the int8-path layout (csrc/intq_i8.c)."""
+    out, bits = packed.out_features, packed.bits
+    cols = i8_columns(packed.in_features, packed.group)
+    q = packed.int_codes()[:, cols.clamp(min=0)].to(torch.int32) * (cols >= 0)
+    q = q.view(out, -1, 64)  # (out, steps, 64): code of step byte o
+    if bits == 8:
+        return q.to(torch.uint8).reshape(out, -1).contiguous()
+    planes, shift = [], 0
+    if bits & 4:  # byte i: step byte i low nibble, step byte 32 + i high nibble
+        v = ((q >> shift) & 15).view(out, -1, 2, 32)
+        planes.append(v[:, :, 0] | (v[:, :, 1] << 4))
+        shift += 4
+    if bits & 2:  # byte i, bits 2j..2j+1: step byte 16j + i
+        v = ((q >> shift) & 3).view(out, -1, 4, 16)
+        planes.append((v << (2 * torch.arange(4).view(1, 1, 4, 1))).sum(2))
+        shift += 2
+    if bits & 1:  # byte i, bit j: step byte 8j + i
+        v = ((q >> shift) & 1).view(out, -1, 8, 8)
+        planes.append((v << torch.arange(8).view(1, 1, 8, 1)).sum(2))
+    return torch.cat(planes, dim=2).to(torch.uint8).reshape(out, -1).contiguous()
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x̂ (M, in): x (M, in) rounded as the int8 path rounds it — per block of `act_block(group)`
+    columns inside each group, d = max|x| / 127, x̂ = d · round_half_even(x · (1 / d)).
+    The int8 path computes x̂ @ dequantize().T; this is its reference."""
+    m, inp = x.shape
+    b = act_block(group)
+    gpb = -(-group // b) * b  # group padded to whole blocks
+    c = torch.arange(inp)
+    pos = (c // group) * gpb + c % group
+    xp = torch.zeros(m, -(-inp // group) * gpb)
+    xp[:, pos] = x.float()
+    blocks = xp.view(m, -1, b)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros(()))
+    xi = torch.round(blocks * inv).clamp(-127, 127)
+    return (xi * d).view(m, -1)[:, pos]
+
+
 def stackable(packs) -> bool:
     """Whether IntQuant matrices can share one kernel call (same input width and code layout)."""
     p0 = packs[0]
@@ -65,9 +171,12 @@ def stackable(packs) -> bool:
 class IntQKernel:
     """x (..., in) float32 -> (..., out), computed from the repacked codes of one IntQuant —
     or of several with the same input width and layout stacked along the output rows
-    (`IntQKernel([q, k, v], ext)`: one call for the three projections)."""
+    (`IntQKernel([q, k, v], ext)`: one call for the three projections).
 
-    def __init__(self, packed, ext):
+    `path` (a `Path` or its value; None: `default_path(ext)`) fixes the code layout, so it
+    is read-only afterwards: build another kernel to change it."""
+
+    def __init__(self, packed, ext, path: Path | str | None = None):
         packs = list(packed) if isinstance(packed, (list, tuple)) else [packed]
         if not stackable(packs):
             raise ValueError("stacked IntQuant kernels need the same input width, bits, group and symmetry")
@@ -75,12 +184,24 @@ class IntQKernel:
         self.ext = ext
         self.out_features, self.in_features = sum(p.out_features for p in packs), p0.in_features
         self.bits, self.group = p0.bits, p0.group
-        self.codes = torch.cat([repack(p) for p in packs]).contiguous()
+        self._path = default_path(ext) if path is None else Path(path)
+        if self._path is Path.INT8:
+            self.codes = torch.cat([repack_i8(p) for p in packs]).contiguous()
+            if self.codes.shape[1] * 8 != ext.layout_i8(self.in_features, self.group)[1] * self.bits:
+                raise RuntimeError("int8-path layout: Python and C disagree on the row length (rebuild the extension)")
+            self._matmul, self._dequant = ext.matmul_i8, ext.dequant_i8
+        else:
+            self.codes = torch.cat([repack(p) for p in packs]).contiguous()
+            self._matmul, self._dequant = ext.matmul, ext.dequant
         # fp16 bit patterns, read by the C code as uint16
         self.scales = torch.cat([p.scales for p in packs]).contiguous().view(torch.int16)
         self.mins = None if p0.mins is None else torch.cat([p.mins for p in packs]).contiguous().view(torch.int16)
         self._args = (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
                       self.out_features, self.in_features, self.group, self.bits)
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def nbytes(self) -> int:
         """Bytes the kernel reads per full product (codes, scales, minimums)."""
@@ -90,13 +211,13 @@ class IntQKernel:
     def dequantize(self) -> torch.Tensor:
         """The (out, in) float32 weights, decoded in C from the repacked codes."""
         w = torch.empty(self.out_features, self.in_features)
-        self.ext.dequant(*self._args, w.data_ptr())
+        self._dequant(*self._args, w.data_ptr())
         return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] <= SMALL_BATCH and x.dtype == torch.float32 and x.is_contiguous():
             y = torch.empty(x.shape[0], self.out_features)  # the decoding path, kept short
-            self.ext.matmul(*self._args, x.data_ptr(), x.shape[0], y.data_ptr())
+            self._matmul(*self._args, x.data_ptr(), x.shape[0], y.data_ptr())
             return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -107,5 +228,5 @@ class IntQKernel:
             y = x2 @ self.dequantize().T
         else:
             y = torch.empty(m, self.out_features)
-            self.ext.matmul(*self._args, x2.data_ptr(), m, y.data_ptr())
+            self._matmul(*self._args, x2.data_ptr(), m, y.data_ptr())
         return y.view(*lead, self.out_features).to(x.dtype)

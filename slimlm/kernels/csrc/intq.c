@@ -177,12 +177,6 @@ CLONES static void dequant_kernel(const intq_t *W, int r0, int r1, float *w) {
     }
 }
 
-static void split(int n, int nt, int t, int *a, int *b) {
-    const int per = (n + nt - 1) / nt;
-    *a = t * per < n ? t * per : n;
-    *b = *a + per < n ? *a + per : n;
-}
-
 int intq_matmul(const intq_t *W, const float *x, int M, float *y) {
     const int G = W->G, xstride = G * W->gpad;
     const int aligned = (W->gpad == W->group) && (G * W->group == W->in);
@@ -211,7 +205,7 @@ int intq_matmul(const intq_t *W, const float *x, int M, float *y) {
         nt = omp_get_num_threads();
         t = omp_get_thread_num();
 #endif
-        split(W->out, nt, t, &a, &b);
+        intq_split(W->out, nt, t, &a, &b);
         if (a < b) {
             if (use512)
                 intq_rows_avx512(W, a, b, xv, xstride, xs, M, y);
@@ -232,7 +226,7 @@ int intq_dequant(const intq_t *W, float *w) {
         nt = omp_get_num_threads();
         t = omp_get_thread_num();
 #endif
-        split(W->out, nt, t, &a, &b);
+        intq_split(W->out, nt, t, &a, &b);
         if (a < b) dequant_kernel(W, a, b, w);
     }
     return 0;

@@ -1,4 +1,4 @@
-/* IntQuant kernels: the repacked layout is described in intq.c. */
+/* IntQuant kernels: the float-path layout is described in intq.c, the int8-path layout in intq_i8.c. */
 #ifndef SLIMLM_INTQ_H
 #define SLIMLM_INTQ_H
 #include <stdint.h>
@@ -6,18 +6,54 @@
 #define INTQ_MAXM_TILE 4 /* activation rows sharing one decode of the codes */
 
 typedef struct {
-    const uint8_t *codes;   /* (out, nsb, 8 * bits) bit planes */
+    const uint8_t *codes;   /* float path: (out, nsb, 8 * bits) bit planes; int8 path: see intq_i8.c */
     const uint16_t *scales; /* (out, G) fp16 */
     const uint16_t *mins;   /* (out, G) fp16, NULL when symmetric */
     int out, in, group, bits;
     int G;    /* groups per row: ceil(in / group) */
     int gpad; /* group length padded to a multiple of 16 */
     int nsb;  /* superblocks of 64 codes per row: ceil(G * gpad / 64) */
+    /* int8-path geometry (intq_i8_geometry) */
+    int B;         /* activation block: codes per sub-block (32, or 16 for groups that do not pad to 32) */
+    int spg;       /* sub-blocks per group: ceil(group / B) */
+    int nsub;      /* sub-blocks per row: G * spg */
+    int nfull;     /* full tiles of 16 sub-blocks */
+    int R;         /* lanes per sub-block in the last, partial tile (0: none) */
+    int row_codes; /* codes per repacked row, pads included (a multiple of 64) */
 } intq_t;
+
+/* One tile of 16 int32 lanes: the scale of lane l is scales[g0 + idx[l]]. */
+typedef struct {
+    int sb0, R, nsteps; /* first sub-block, lanes per sub-block, 64-code steps */
+    int g0, ng, ident;  /* first group, groups it touches, idx == 0..15 */
+    int32_t idx[16];
+} intq_tile_t;
+
+/* Activations quantized to int8 for the int8 path, laid out like one repacked row. */
+typedef struct {
+    int ntiles;
+    const intq_tile_t *tiles;
+    const int8_t *xq; /* (M, row_codes) */
+    const float *dv;  /* (M, ntiles, 16) activation scale of each lane's sub-block, 0 on pad lanes */
+    const float *xsv; /* (M, ntiles, 16) factor · Σ of the dequantized block on its first lane, else 0 */
+} intq_x8_t;
 
 int intq_matmul(const intq_t *W, const float *x, int M, float *y); /* y (M, out) = x (M, in) W^T */
 int intq_dequant(const intq_t *W, float *w);                       /* w (out, in) */
 const char *intq_isa(void);
 int intq_has_avx512(void);
 void intq_rows_avx512(const intq_t *W, int r0, int r1, const float *xp, int xstride, const float *xs, int M, float *y);
+
+static inline void intq_split(int n, int nt, int t, int *a, int *b) { /* rows [a, b) of thread t of nt */
+    const int per = (n + nt - 1) / nt;
+    *a = t * per < n ? t * per : n;
+    *b = *a + per < n ? *a + per : n;
+}
+
+void intq_i8_geometry(intq_t *W);
+int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y); /* int8 activations, see intq_i8.c */
+int intq_dequant_i8(const intq_t *W, float *w);
+int intq_has_vnni(void);
+void intq_quantize_blocks_avx512(const intq_t *W, const float *x, int8_t *xi, float *d, float *sig);
+void intq_rows_i8_avx512(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
 #endif
