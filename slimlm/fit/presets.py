@@ -26,6 +26,9 @@ BITS = (2, 3, 4, 8)  # the default sweep's bit widths for every quantizer
 FIT_BITS = (2, 3, 4, 5, 6, 8)  # candidate widths per layer for `fit`
 FIT_GROUPS = (32, 64)  # candidate group sizes for quantizers with a `group` option
 BASE = "rtn"  # the calibration-free quantizer other kinds are paired with
+HEAD_BITS = (4, 5, 6, 8)  # candidate widths for the output head (and a tied embedding that reads it)
+HEAD_PROBE = f"{BASE}:bits=4,group=64"  # the head's coarsest candidate sets its gain
+KEEP_DENSE = "dense"  # the head's one non-recipe option: left as it is
 
 
 def _fields(spec: MethodSpec) -> set[str]:
@@ -114,3 +117,9 @@ def fit_candidates(methods: tuple[str, ...] | None = None) -> list[str]:
     if not out:
         raise SlimlmError("no fit candidates: none of the chosen methods has a 'bits' option")
     return out
+
+
+def fit_head_candidates() -> list[str]:
+    """One-stage recipes `fit` may give the output head: data-free RTN at HEAD_BITS with
+    FIT_GROUPS (KEEP_DENSE, leaving it as it is, is always an option besides these)."""
+    return [Recipe.parse(f"{BASE}:bits={b},group={g}").to_string() for b in HEAD_BITS for g in FIT_GROUPS]

@@ -16,6 +16,12 @@ reference's next-token distribution is divided by the probe's output error:
 (second order: KL grows with the square of a small output perturbation, as e does).
 Statistics come from the uncompressed model, one block at a time; the table is cached
 on disk per candidate, so a second fit with other budgets measures nothing again.
+
+The output head, when asked for, is one more layer: x is the final norm's output and its
+gain is measured with the whole model run from the token ids, because with tied
+embeddings the compressed head is also the input embedding (the probe's KL then holds
+both effects; e only the head's, so the gain carries the embedding's share). Its
+entries are cached apart from the blocks', so adding the head measures nothing else.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from slimlm.compress.engine import MAX_INPUT_ROWS, compress_layer
 from slimlm.compress.recipe import Recipe
 from slimlm.data import Split, calibration_windows, resolve_text
 from slimlm.errors import SlimlmError
+from slimlm.fit.presets import HEAD_PROBE
 from slimlm.methods import LayerStats
 
 
@@ -67,6 +74,7 @@ class SensitivityTable:
     err: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> candidate -> e(ℓ, c)
     gain: dict[str, float] = field(default_factory=dict)
     probe_kl: dict[str, float] = field(default_factory=dict)
+    head: str | None = None  # the output head's name when it was measured (not in `layers`)
 
     def predicted_kl(self, layer: str, cand: str) -> float:
         return self.gain[layer] * self.err[layer][cand]
@@ -110,10 +118,12 @@ def _digest(s: str) -> str:
 
 
 def measure(lm, candidates: list[str], cfg: SensitivityConfig = SensitivityConfig(),
-            cache_dir: str | Path | None = None, progress: bool = True) -> SensitivityTable:
-    """The sensitivity table of `lm` (left unchanged) for one-stage recipes `candidates`."""
+            cache_dir: str | Path | None = None, progress: bool = True,
+            head_candidates: list[str] = ()) -> SensitivityTable:
+    """The sensitivity table of `lm` (left unchanged) for one-stage recipes `candidates`; with
+    `head_candidates`, the output head's entries too (its gain measured with HEAD_PROBE)."""
     cands = [Recipe.parse(c) for c in candidates]
-    for c in cands:
+    for c in [*cands, *(Recipe.parse(c) for c in head_candidates)]:
         if len(c.stages) != 1 or c.stages[0].layers:
             raise SlimlmError(f"fit candidate {c.to_string()!r} must be one stage without layer patterns")
     probe = Recipe.parse(cfg.probe).to_string()
@@ -145,7 +155,28 @@ def measure(lm, candidates: list[str], cfg: SensitivityConfig = SensitivityConfi
                 _write(root / f"gain-{_digest(probe)}.json", {"gain": table.gain, "probe_kl": table.probe_kl})
     if gains is not None:
         table.gain, table.probe_kl = gains["gain"], gains["probe_kl"]
+    if head_candidates:
+        _head_entries(lm, list(head_candidates), HEAD_PROBE, cfg, table, root)
     return table
+
+
+def _head_entries(lm, candidates: list[str], probe: str, cfg: SensitivityConfig, table: SensitivityTable,
+                  root: Path | None) -> None:
+    """Fill `table`'s entries for the output head, from the cache or measured."""
+    head = lm.adapter.head_path
+    names = list(dict.fromkeys(Recipe.parse(c).to_string() for c in [*candidates, probe]))
+    path = root / f"head-{_digest(json.dumps(names))}.json" if root else None
+    got = _read(path) if path else None
+    if got is None:
+        got = _measure_head(lm, names, Recipe.parse(probe).to_string(), cfg)
+        if path:
+            root.mkdir(parents=True, exist_ok=True)
+            _write(path, got)
+    table.head = head
+    table.numel[head] = lm.model.get_submodule(head).weight.numel()
+    table.bits[head] = {c: b for c, (b, _) in got["cands"].items()}
+    table.err[head] = {c: e for c, (_, e) in got["cands"].items()}
+    table.gain[head], table.probe_kl[head] = got["gain"], got["probe_kl"]
 
 
 def _read(p: Path):
@@ -204,6 +235,50 @@ def _measure(lm, cands: list[Recipe], probe: str, want_gain: bool, cfg: Sensitiv
         inputs.advance(block)
         bar.update(1)
     bar.close()
+
+
+def _measure_head(lm, names: list[str], probe: str, cfg: SensitivityConfig) -> dict:
+    """{"cands": {candidate: [bits, e]}, "gain", "probe_kl"} for the output head: e from the
+    final norm's outputs on every window, the probe's KL from the whole model on the first
+    `kl_windows` with the head's table replaced (the tied embedding with it)."""
+    text, _ = resolve_text(cfg.text_file, Split.CALIBRATION)
+    windows = calibration_windows(lm.tokenizer, text, cfg.n_windows, cfg.seq_len, cfg.seed)  # (n, T)
+    blocks = lm.adapter.blocks(lm.model)
+    head = lm.model.get_submodule(lm.adapter.head_path)
+    inputs = BlockInputs(lm.model, blocks[0], windows)
+    ref_logp = tail_logprobs(lm, 0, inputs.hidden[: cfg.kl_windows], inputs.kwargs)  # (k·T, V)
+    for block in blocks:
+        inputs.advance(block)
+    name = lm.adapter.head_path
+    col = StatsCollector(lm.model, {name: name}, True, True)
+    col.remove()  # fed by hand below: the head's (T, V) products are not needed
+    with torch.inference_mode():
+        for h in inputs.hidden:  # (T, d) each: the last block's outputs
+            col.add(name, _final_norm(lm)(h.unsqueeze(0)))
+    st = col.stats(name)
+    w = head.weight.detach().float()  # (V, d)
+    h = st["hessian"].float()  # (d, d)
+    out, probe_packed = {}, None
+    for cand in names:
+        packed = _compress(w, Recipe.parse(cand).stages[0], st, name, lm, head)
+        if packed is None:
+            continue
+        dw = packed.dequantize().float() - w  # (V, d)
+        out[cand] = [int(packed.nbits()), float(((dw @ h) * dw).sum())]
+        if cand == probe:
+            probe_packed = packed
+    if probe_packed is None:
+        return {"cands": out, "gain": 0.0, "probe_kl": 0.0}
+    saved = head.weight.data.clone()
+    try:  # a tied embedding shares this storage, so it reads the probe's table too
+        head.weight.data.copy_(probe_packed.dequantize().to(saved.dtype))
+        probed = BlockInputs(lm.model, blocks[0], windows[: cfg.kl_windows])
+        logp = tail_logprobs(lm, 0, probed.hidden, probed.kwargs)
+    finally:
+        head.weight.data.copy_(saved)
+    kl = max(_kl(ref_logp, logp), 0.0)
+    e = out[probe][1]
+    return {"cands": out, "gain": kl / e if e > 0 else 0.0, "probe_kl": kl}
 
 
 def _compress(w, stage, st: dict, full: str, lm, lin):
