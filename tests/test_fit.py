@@ -97,6 +97,17 @@ def test_knapsack_rounds_sizes_up_so_budgets_hold():
             assert sum(bits[i, "abcd".index(choice[f"l{i}"])] for i in range(40)) <= max_bits
 
 
+def test_knapsack_meets_a_budget_of_exactly_the_smallest_candidates():
+    """Rounding sizes up to cells must not refuse what every layer's smallest candidate meets."""
+    rng = np.random.default_rng(1)
+    bits = rng.integers(10**6, 10**7, size=(40, 4))
+    plan = build_plan([f"l{i}" for i in range(40)], list("abcd"), rng.random((40, 4)), bits)
+    assert plan.unit > 1
+    choice = plan.choose(max_bits=plan.min_bits())
+    assert choice is not None and sum(bits[i, "abcd".index(choice[f"l{i}"])] for i in range(40)) == plan.min_bits()
+    assert plan.choose(max_bits=plan.min_bits() - 1) is None
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_recipe_says_exactly_what_was_chosen(seed, tiny):
     rng = np.random.default_rng(seed)

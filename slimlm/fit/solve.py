@@ -48,7 +48,7 @@ class Plan:
         top = len(self.f) - 1
         cap = top if max_bits is None else min(top, max_bits // self.unit)
         if cap < 0 or not np.isfinite(self.f[cap]):
-            return None
+            return self._smallest(max_bits, max_cost)
         if max_cost is not None:
             ok = np.flatnonzero(self.f[: cap + 1] <= max_cost)
             if ok.size == 0:
@@ -60,6 +60,17 @@ class Plan:
             choice[self.layers[li]] = self.cands[c]
             cap -= self.w[li, c]
         return choice
+
+    def _smallest(self, max_bits: int | None, max_cost: float | None) -> dict[str, str] | None:
+        """Every layer at its smallest candidate, if that fits: sizes rounded up to cells can
+        miss a budget just above min_bits() that the true sizes meet."""
+        pick = np.where(np.isfinite(self.cost), self.bits, np.iinfo(np.int64).max).argmin(1)
+        rows = np.arange(len(self.layers))
+        if max_bits is not None and self.bits[rows, pick].sum() > max_bits:
+            return None
+        if max_cost is not None and self.cost[rows, pick].sum() > max_cost:
+            return None
+        return {n: self.cands[c] for n, c in zip(self.layers, pick)}
 
     @property
     def w(self) -> np.ndarray:
