@@ -175,14 +175,14 @@ def test_fit_meets_its_budget(tiny_dir, fit_dir, budget):
 def test_fit_size_budget_and_a_refusal(tiny_dir, fit_dir):
     from slimlm.loading import load
 
-    from slimlm.fit.run import fixed_bytes
+    from slimlm.fit.size import SizeModel
 
-    fixed = fixed_bytes(load(str(tiny_dir)))
+    fixed = SizeModel.of(load(str(tiny_dir)), head=False).rest_bytes  # the dense head included
     size = fixed + 64 * 1024 // 8 * 3 * 21  # room for about 3 bits per weight in the block linears
     cfg = FitConfig(budget=Budget(max_size_bytes=size), candidates=CANDS, sensitivity=SENS, eval=FAST_EVAL,
-                    out_dir=str(fit_dir))
+                    out_dir=str(fit_dir), head=False)
     res = run_fit(str(tiny_dir), cfg, progress=False)
-    assert res.met and res.row["size_bytes"] <= size
+    assert res.met and res.row["size_bytes"] <= size and res.row["head_bpw"] is None
     code, out, err = run_cli("fit", tiny_dir, "--max-size", f"{fixed // 2}B", *sum([["--candidate", c] for c in CANDS], []),
                              "--sens-windows", 2, "--calib-seq-len", 64, "--seq-len", 64, "--max-tokens", 256,
                              "--out", fit_dir, "--quiet")

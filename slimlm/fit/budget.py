@@ -1,7 +1,8 @@
 """A device budget: the limits `slimlm fit` must meet, parsed from the user's words.
 
     --max-size 60MB            saved directory size (B, KB, MB, GB; KiB, MiB, GiB)
-    --max-bpw 3.5              bits per weight over the block linears
+    --max-bpw 3.5              bits per weight over the block linears (and the head, when fit
+                               compresses it: row["bpw_with_head"])
     --min-decode-tps 20        measured decode tokens/s
     --max-ppl-increase 2%      perplexity ÷ reference − 1, measured on the evaluation text
 """
@@ -67,8 +68,9 @@ class Budget:
         out = []
         if self.max_size_bytes is not None and row["size_bytes"] > self.max_size_bytes:
             out.append(f"size {row['size_bytes'] / 1e6:.3f} MB > {self.max_size_bytes / 1e6:.3f} MB")
-        if self.max_bpw is not None and row["bpw"] > self.max_bpw + 1e-12:
-            out.append(f"{row['bpw']:.4f} bits per weight > {self.max_bpw:g}")
+        bpw, over = (row["bpw_with_head"], " (block linears and head)") if "bpw_with_head" in row else (row["bpw"], "")
+        if self.max_bpw is not None and bpw > self.max_bpw + 1e-12:
+            out.append(f"{bpw:.4f} bits per weight{over} > {self.max_bpw:g}")
         if self.min_decode_tps is not None and row.get("decode_tps", 0.0) < self.min_decode_tps:
             out.append(f"decode {row.get('decode_tps', 0.0):.1f} tokens/s < {self.min_decode_tps:g}")
         if self.max_ppl_increase is not None and row["ppl"] > ref_ppl * (1 + self.max_ppl_increase):

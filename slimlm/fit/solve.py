@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from slimlm.compress.recipe import Recipe
+from slimlm.fit.presets import KEEP_DENSE
 
 RESOLUTION = 20000  # capacity cells of the dynamic programme
 
@@ -106,10 +107,12 @@ def build_plan(layers: list[str], cands: list[str], cost: np.ndarray, bits: np.n
     return Plan(layers, cands, cost, bits, unit, f, arg)
 
 
-def recipe_from_choice(choice: dict[str, str], layers: list[str], blocks_path: str) -> Recipe:
-    """A recipe giving each layer its chosen one-stage candidate: the most common candidate
-    for every layer, then per layer role (e.g. `mlp.down_proj`) its most common one where it
-    differs, then the remaining layers by name. Later stages win (slimlm.compress.recipe)."""
+def recipe_from_choice(choice: dict[str, str], layers: list[str], blocks_path: str, head: str | None = None) -> Recipe:
+    """A recipe giving each block linear in `layers` its chosen one-stage candidate: the most
+    common candidate for every layer, then per layer role (e.g. `mlp.down_proj`) its most
+    common one where it differs, then the remaining layers by name; last the output `head`'s
+    choice as a stage naming it (`…@lm_head`), unless it is KEEP_DENSE. Later stages win
+    (slimlm.compress.recipe)."""
     base = Counter(choice[n] for n in layers).most_common(1)[0][0]
     lines = [base]
     role_of = {n: n[len(blocks_path) + 1:].split(".", 1)[1] for n in layers}  # "3.mlp.down_proj" -> "mlp.down_proj"
@@ -126,8 +129,13 @@ def recipe_from_choice(choice: dict[str, str], layers: list[str], blocks_path: s
         if choice[n] != effective[n]:
             by_cand.setdefault(choice[n], []).append(n)
     lines += [f"{c}@{'|'.join(names)}" for c, names in by_cand.items()]
+    if head is not None and choice[head] != KEEP_DENSE:
+        lines.append(f"{choice[head]}@{head}")
     recipe = Recipe.parse("+".join(lines))
     for n in layers:  # the recipe must say exactly what was chosen
         got = "+".join(s.to_string() for s in recipe.stages_for(n)).split("@")[0]
         assert got == choice[n], (n, got, choice[n])
+    if head is not None:
+        got = "+".join(s.to_string() for s in recipe.stages_for(head, explicit=True)).split("@")[0] or KEEP_DENSE
+        assert got == choice[head], (head, got, choice[head])
     return recipe

@@ -143,15 +143,18 @@ static void quantize_blocks(const intq_t *W, const float *x, int8_t *xi, float *
     }
 }
 
-/* Sub-blocks of one row -> xq (row_codes) in the row layout and the lane vectors dv, xsv (ntiles, 16). */
+/* Sub-blocks of one row -> xq (row_codes) in the row layout and the lane vectors dv, xsv (ntiles, 16).
+ * fold: dv of lane l times 2^-class(l) for a one-plane code (2 or 4 bits), whose lane sums
+ * the VNNI kernel then converts without shifting them back (exact: a power of two). */
 static void layout_x(const intq_t *W, const intq_tile_t *T, const int32_t *map, const int8_t *xi, const float *d,
-                     const float *sig, int8_t *xq, float *dv, float *xsv) {
+                     const float *sig, int fold, int8_t *xq, float *dv, float *xsv) {
     const float fac = W->mins ? 1.f : -(float)(1 << (W->bits - 1));
+    const int cls = fold && W->bits == 2 ? 4 : (fold && W->bits == 4 ? 8 : 0); /* lanes per class */
     for (int i = 0; i < W->row_codes / 4; i++) memcpy(xq + 4 * i, xi + 4 * map[i], 4);
     for (int i = 0; i < ntiles(W); i++)
         for (int l = 0; l < 16; l++) {
             const int sb = T[i].sb0 + l / T[i].R, in = sb < W->nsub;
-            dv[16 * i + l] = in ? d[sb] : 0.f;
+            dv[16 * i + l] = in ? (cls ? ldexpf(d[sb], -(W->bits * (l / cls))) : d[sb]) : 0.f;
             xsv[16 * i + l] = in && l % T[i].R == 0 ? fac * sig[sb] : 0.f;
         }
 }
@@ -273,7 +276,7 @@ int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y) {
                 intq_quantize_blocks_avx512(W, x + (size_t)m * W->in, xi, dsig, dsig + W->nsub);
             else
                 quantize_blocks(W, x + (size_t)m * W->in, xi, dsig, dsig + W->nsub);
-            layout_x(W, T, map, xi, dsig, dsig + W->nsub, xq + (size_t)m * rc, lanes + (size_t)m * nt * 16,
+            layout_x(W, T, map, xi, dsig, dsig + W->nsub, vnni, xq + (size_t)m * rc, lanes + (size_t)m * nt * 16,
                      lanes + (size_t)(M + m) * nt * 16);
         }
         const intq_x8_t X = {nt, T, xq, lanes, lanes + (size_t)M * nt * 16};

@@ -33,106 +33,159 @@ TARGET void intq_quantize_blocks_avx512(const intq_t *W, const float *x, int8_t 
     }
 }
 
+/* Plane masks: the bits of step byte o (see intq_i8.c). */
+#define K4                                                                                                             \
+    _mm512_set_epi64(-0x0f0f0f0f0f0f0f10LL, -0x0f0f0f0f0f0f0f10LL, -0x0f0f0f0f0f0f0f10LL, -0x0f0f0f0f0f0f0f10LL,       \
+                     0x0f0f0f0f0f0f0f0fLL, 0x0f0f0f0f0f0f0f0fLL, 0x0f0f0f0f0f0f0f0fLL, 0x0f0f0f0f0f0f0f0fLL)
+#define K2                                                                                                             \
+    _mm512_set_epi64(-0x3f3f3f3f3f3f3f40LL, -0x3f3f3f3f3f3f3f40LL, 0x3030303030303030LL, 0x3030303030303030LL,        \
+                     0x0c0c0c0c0c0c0c0cLL, 0x0c0c0c0c0c0c0c0cLL, 0x0303030303030303LL, 0x0303030303030303LL)
+#define K1                                                                                                             \
+    _mm512_set_epi64(-0x7f7f7f7f7f7f7f80LL, 0x4040404040404040LL, 0x2020202020202020LL, 0x1010101010101010LL,         \
+                     0x0808080808080808LL, 0x0404040404040404LL, 0x0202020202020202LL, 0x0101010101010101LL)
+
 /* The 16 fp16 scales (or minimums) of a tile's lanes as floats. */
 TARGET INLINE __m512 lane_params(const uint16_t *s, const intq_tile_t *T) {
+    if (T->ident) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + T->g0)));
     const __mmask16 m = (__mmask16)((1u << T->ng) - 1);
     const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + T->g0));
-    return T->ident ? v : _mm512_permutexvar_ps(_mm512_loadu_si512(T->idx), v);
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(T->idx), v);
 }
 
-/* One weight row against activation rows m0 .. m0 + MT - 1. */
-TARGET INLINE void row_i8(const intq_t *W, const intq_x8_t *X, const uint8_t *p, const uint16_t *s,
-                          const uint16_t *t, int r, int m0, const int MT, const int bits, float *y) {
-    const int nt = X->ntiles, rc = W->row_codes;
-    /* plane masks: the bits of step byte o (see intq_i8.c), and the class shift of each lane */
-    const __m512i k4 = _mm512_set_epi64(-0x0f0f0f0f0f0f0f10LL, -0x0f0f0f0f0f0f0f10LL, -0x0f0f0f0f0f0f0f10LL,
-                                        -0x0f0f0f0f0f0f0f10LL, 0x0f0f0f0f0f0f0f0fLL, 0x0f0f0f0f0f0f0f0fLL,
-                                        0x0f0f0f0f0f0f0f0fLL, 0x0f0f0f0f0f0f0f0fLL);
-    const __m512i k2 = _mm512_set_epi64(-0x3f3f3f3f3f3f3f40LL, -0x3f3f3f3f3f3f3f40LL, 0x3030303030303030LL,
-                                        0x3030303030303030LL, 0x0c0c0c0c0c0c0c0cLL, 0x0c0c0c0c0c0c0c0cLL,
-                                        0x0303030303030303LL, 0x0303030303030303LL);
-    const __m512i k1 = _mm512_set_epi64(-0x7f7f7f7f7f7f7f80LL, 0x4040404040404040LL, 0x2020202020202020LL,
-                                        0x1010101010101010LL, 0x0808080808080808LL, 0x0404040404040404LL,
-                                        0x0202020202020202LL, 0x0101010101010101LL);
+/* The lane sums of four vectors, (Σ a0, Σ a1, Σ a2, Σ a3): one fixed addition order for every
+ * row, so a row's result does not depend on which rows share its block. */
+TARGET INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xDD));
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), v));
+}
+
+/* NS steps of 64 codes of rows p + j · row_bytes (j < NR) into the plane accumulators. */
+TARGET INLINE void steps(const uint8_t *p, size_t row_bytes, const int8_t *xq, int rc, const int NS, const int NR,
+                         const int MT, const int bits, __m512i a4[4][INTQ_MAXM_TILE], __m512i a2[4][INTQ_MAXM_TILE],
+                         __m512i a1[4][INTQ_MAXM_TILE]) {
+    const __m512i k4 = K4, k2 = K2, k1 = K1;
+    for (int k = 0; k < NS; k++) {
+        __m512i xv[INTQ_MAXM_TILE];
+        for (int m = 0; m < MT; m++) xv[m] = _mm512_loadu_si512(xq + (size_t)m * rc);
+        xq += 64;
+        for (int j = 0; j < NR; j++) {
+            const uint8_t *q = p + j * row_bytes;
+            if (bits == 8) {
+                const __m512i v = _mm512_loadu_si512(q);
+                for (int m = 0; m < MT; m++) a4[j][m] = _mm512_dpbusd_epi32(a4[j][m], v, xv[m]);
+                continue;
+            }
+            if (bits & 4) {
+                const __m512i v = _mm512_and_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q)), k4);
+                for (int m = 0; m < MT; m++) a4[j][m] = _mm512_dpbusd_epi32(a4[j][m], v, xv[m]);
+                q += 32;
+            }
+            if (bits & 2) {
+                const __m512i v = _mm512_and_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q)), k2);
+                for (int m = 0; m < MT; m++) a2[j][m] = _mm512_dpbusd_epi32(a2[j][m], v, xv[m]);
+                q += 16;
+            }
+            if (bits & 1) {
+                long long b8;
+                memcpy(&b8, q, 8);
+                const __m512i v = _mm512_and_si512(_mm512_set1_epi64(b8), k1);
+                for (int m = 0; m < MT; m++) a1[j][m] = _mm512_dpbusd_epi32(a1[j][m], v, xv[m]);
+            }
+        }
+        p += 8 * bits;
+    }
+}
+
+/* Weight rows r .. r + NR - 1 against activation rows m0 .. m0 + MT - 1: NR · MT independent
+ * dpbusd chains per plane (the instruction's latency would otherwise bound a single row). */
+TARGET INLINE void rows_block(const intq_t *W, const intq_x8_t *X, int r, const int NR, int m0, const int MT,
+                              const int bits, float *y) {
+    const int nt = X->ntiles, rc = W->row_codes, G = W->G;
+    const size_t row_bytes = (size_t)rc * bits / 8;
+    /* the class shift of each lane */
     const __m512i c4 = _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i c2 = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
     const __m512i c1 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const int sh2 = bits & 4 ? 4 : 0, sh1 = sh2 + (bits & 2 ? 2 : 0);
-    const int8_t *xq[INTQ_MAXM_TILE];
-    const float *dv[INTQ_MAXM_TILE], *xs[INTQ_MAXM_TILE];
-    __m512 acc[INTQ_MAXM_TILE];
-    for (int m = 0; m < MT; m++) {
-        xq[m] = X->xq + (size_t)(m0 + m) * rc;
-        dv[m] = X->dv + (size_t)(m0 + m) * nt * 16;
-        xs[m] = X->xsv + (size_t)(m0 + m) * nt * 16;
-        acc[m] = _mm512_setzero_ps();
-    }
+    const uint8_t *p = W->codes + (size_t)r * row_bytes;
+    const int8_t *xq = X->xq + (size_t)m0 * rc;
+    const float *dv = X->dv + (size_t)m0 * nt * 16, *xs = X->xsv + (size_t)m0 * nt * 16;
+    __m512 acc[4][INTQ_MAXM_TILE]; /* fixed sizes: registers, not stack arrays */
+    for (int j = 0; j < NR; j++)
+        for (int m = 0; m < MT; m++) acc[j][m] = _mm512_setzero_ps();
     for (int i = 0; i < nt; i++) {
         const intq_tile_t *T = &X->tiles[i];
-        __m512i a4[INTQ_MAXM_TILE], a2[INTQ_MAXM_TILE], a1[INTQ_MAXM_TILE];
-        for (int m = 0; m < MT; m++) a4[m] = a2[m] = a1[m] = _mm512_setzero_si512();
-        for (int k = 0; k < T->nsteps; k++) {
-            __m512i xv[INTQ_MAXM_TILE];
-            for (int m = 0; m < MT; m++) {
-                xv[m] = _mm512_loadu_si512(xq[m]);
-                xq[m] += 64;
-            }
-            const uint8_t *q = p;
-            if (bits == 8) {
-                const __m512i v = _mm512_loadu_si512(q);
-                for (int m = 0; m < MT; m++) a4[m] = _mm512_dpbusd_epi32(a4[m], v, xv[m]);
-            } else {
-                if (bits & 4) {
-                    const __m512i v = _mm512_and_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q)), k4);
-                    for (int m = 0; m < MT; m++) a4[m] = _mm512_dpbusd_epi32(a4[m], v, xv[m]);
-                    q += 32;
-                }
-                if (bits & 2) {
-                    const __m512i v = _mm512_and_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q)), k2);
-                    for (int m = 0; m < MT; m++) a2[m] = _mm512_dpbusd_epi32(a2[m], v, xv[m]);
-                    q += 16;
-                }
-                if (bits & 1) {
-                    long long b8;
-                    memcpy(&b8, q, 8);
-                    const __m512i v = _mm512_and_si512(_mm512_set1_epi64(b8), k1);
-                    for (int m = 0; m < MT; m++) a1[m] = _mm512_dpbusd_epi32(a1[m], v, xv[m]);
-                }
-            }
-            p += 8 * bits;
+        __m512i a4[4][INTQ_MAXM_TILE], a2[4][INTQ_MAXM_TILE], a1[4][INTQ_MAXM_TILE];
+        for (int j = 0; j < NR; j++)
+            for (int m = 0; m < MT; m++) a4[j][m] = a2[j][m] = a1[j][m] = _mm512_setzero_si512();
+        switch (T->nsteps) { /* constant trip counts: unrolled, accumulators stay in registers */
+        case 8: steps(p, row_bytes, xq, rc, 8, NR, MT, bits, a4, a2, a1); break;
+        case 4: steps(p, row_bytes, xq, rc, 4, NR, MT, bits, a4, a2, a1); break;
+        case 2: steps(p, row_bytes, xq, rc, 2, NR, MT, bits, a4, a2, a1); break;
+        default: steps(p, row_bytes, xq, rc, 1, NR, MT, bits, a4, a2, a1); break;
         }
-        const __m512 sv = lane_params(s, T), tv = t ? lane_params(t, T) : _mm512_setzero_ps();
+        p += (size_t)T->nsteps * 8 * bits;
+        xq += 64 * T->nsteps;
+        __m512 d[INTQ_MAXM_TILE], x[INTQ_MAXM_TILE];
         for (int m = 0; m < MT; m++) {
-            __m512i is = a4[m];
-            if (bits != 8) {
-                is = bits & 4 ? _mm512_srav_epi32(a4[m], c4) : _mm512_setzero_si512();
-                if (bits & 2) is = _mm512_add_epi32(is, _mm512_slli_epi32(_mm512_srav_epi32(a2[m], c2), sh2));
-                if (bits & 1) is = _mm512_add_epi32(is, _mm512_slli_epi32(_mm512_srav_epi32(a1[m], c1), sh1));
+            d[m] = _mm512_loadu_ps(dv + (size_t)m * nt * 16);
+            x[m] = _mm512_loadu_ps(xs + (size_t)m * nt * 16);
+        }
+        dv += 16;
+        xs += 16;
+        for (int j = 0; j < NR; j++) {
+            const uint16_t *s = W->scales + (size_t)(r + j) * G, *t = W->mins ? W->mins + (size_t)(r + j) * G : NULL;
+            const __m512 sv = lane_params(s, T), tv = t ? lane_params(t, T) : _mm512_setzero_ps();
+            for (int m = 0; m < MT; m++) {
+                __m512i is = a4[j][m];
+                if (bits == 2) is = a2[j][m]; /* one plane: its class is folded into dv (intq_i8.c) */
+                if (bits != 8 && bits != 4 && bits != 2) {
+                    is = bits & 4 ? _mm512_srav_epi32(a4[j][m], c4) : _mm512_setzero_si512();
+                    if (bits & 2) is = _mm512_add_epi32(is, _mm512_slli_epi32(_mm512_srav_epi32(a2[j][m], c2), sh2));
+                    if (bits & 1) is = _mm512_add_epi32(is, _mm512_slli_epi32(_mm512_srav_epi32(a1[j][m], c1), sh1));
+                }
+                const __m512 f = _mm512_cvtepi32_ps(is);
+                if (t)
+                    acc[j][m] = _mm512_fmadd_ps(tv, x[m], _mm512_fmadd_ps(_mm512_mul_ps(f, d[m]), sv, acc[j][m]));
+                else
+                    acc[j][m] = _mm512_fmadd_ps(_mm512_fmadd_ps(f, d[m], x[m]), sv, acc[j][m]);
             }
-            const __m512 f = _mm512_cvtepi32_ps(is), d = _mm512_loadu_ps(dv[m]), x = _mm512_loadu_ps(xs[m]);
-            if (t)
-                acc[m] = _mm512_fmadd_ps(tv, x, _mm512_fmadd_ps(_mm512_mul_ps(f, d), sv, acc[m]));
-            else
-                acc[m] = _mm512_fmadd_ps(_mm512_fmadd_ps(f, d, x), sv, acc[m]);
-            dv[m] += 16;
-            xs[m] += 16;
         }
     }
-    for (int m = 0; m < MT; m++) y[(size_t)(m0 + m) * W->out + r] = _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < MT; m++) {
+        const __m512 z = _mm512_setzero_ps();
+        const __m128 v = reduce4(acc[0][m], NR > 1 ? acc[1][m] : z, NR > 2 ? acc[2][m] : z, NR > 3 ? acc[3][m] : z);
+        float *ym = y + (size_t)(m0 + m) * W->out + r;
+        if (NR == 4) {
+            _mm_storeu_ps(ym, v);
+        } else {
+            float t4[4];
+            _mm_storeu_ps(t4, v);
+            for (int j = 0; j < NR; j++) ym[j] = t4[j];
+        }
+    }
+}
+
+/* Rows [r0, r1): blocks of NR rows (4 for one activation row, 2 for more), then single rows. */
+TARGET INLINE void rows_mt(const intq_t *W, const intq_x8_t *X, int r0, int r1, int m0, const int MT, const int bits,
+                           float *y) {
+    const int NR = MT == 1 ? 4 : 2;
+    int r = r0;
+    for (; r + NR <= r1; r += NR) rows_block(W, X, r, NR, m0, MT, bits, y);
+    for (; r < r1; r++) rows_block(W, X, r, 1, m0, MT, bits, y);
 }
 
 TARGET INLINE void rows_bits(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y, const int bits) {
-    const size_t row_bytes = (size_t)W->row_codes * bits / 8;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *p = W->codes + (size_t)r * row_bytes;
-        const uint16_t *s = W->scales + (size_t)r * W->G, *t = W->mins ? W->mins + (size_t)r * W->G : NULL;
-        for (int m0 = 0; m0 < M; m0 += INTQ_MAXM_TILE) {
-            switch (M - m0) {
-            case 1: row_i8(W, X, p, s, t, r, m0, 1, bits, y); break;
-            case 2: row_i8(W, X, p, s, t, r, m0, 2, bits, y); break;
-            case 3: row_i8(W, X, p, s, t, r, m0, 3, bits, y); break;
-            default: row_i8(W, X, p, s, t, r, m0, 4, bits, y); break;
-            }
+    for (int m0 = 0; m0 < M; m0 += INTQ_MAXM_TILE) {
+        switch (M - m0) {
+        case 1: rows_mt(W, X, r0, r1, m0, 1, bits, y); break;
+        case 2: rows_mt(W, X, r0, r1, m0, 2, bits, y); break;
+        case 3: rows_mt(W, X, r0, r1, m0, 3, bits, y); break;
+        default: rows_mt(W, X, r0, r1, m0, 4, bits, y); break;
         }
     }
 }
