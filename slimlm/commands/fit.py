@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from slimlm.cli import SOURCE_HELP, add_calib_flags, add_eval_flags, calib_config, eval_config, print_json
@@ -23,7 +24,7 @@ def cmd_fit(a) -> int:
                              kl_windows=min(a.kl_windows, a.sens_windows), seed=a.seed, probe=a.probe)
     cfg = FitConfig(budget=budget, candidates=tuple(cands), methods=tuple(a.methods.split(",")) if a.methods else (),
                     sensitivity=sens, eval=eval_config(a), calibration=calib_config(a), out_dir=a.out,
-                    attempts=a.attempts, seed=a.seed)
+                    attempts=a.attempts, seed=a.seed, head=a.head)
     res = run_fit(a.model, cfg, progress=not a.quiet)
     if a.json:
         print_json({"met": res.met, "verdict": res.verdict, "recipe": res.recipe, "row": res.row,
@@ -51,6 +52,9 @@ def register(subparsers) -> None:
     s.add_argument("--probe", default="rtn:bits=3,group=64", help="the candidate whose end-to-end KL sets each layer's gain")
     s.add_argument("--sens-windows", type=int, default=4, help="calibration windows for the sensitivity statistics")
     s.add_argument("--kl-windows", type=int, default=1, help="of those, windows used to measure each layer's KL gain")
+    s.add_argument("--head", action=argparse.BooleanOptionalAction, default=None,
+                   help="let fit compress the output head (and a tied input embedding); default: on with --max-size, "
+                   "off otherwise; with it, --max-bpw counts the head too")
     s.add_argument("--attempts", type=int, default=3, help="re-solve this many times when a measurement misses a limit")
     s.add_argument("--out", default="out/fit", help="where the recipe, fit.json, the model and the cache go")
     add_eval_flags(s)
