@@ -27,7 +27,7 @@ TOL = 2e-5
 # multiple of any tile, odd and short last groups, groups that pad to 16 rather than 32
 SHAPES = [(7, 576, 32), (5, 1536, 64), (3, 576, 96), (5, 576, 128), (6, 1536, 128), (3, 576, 0), (11, 1536, 0),
           (9, 100, 32), (4, 50, 7), (2, 64, 64), (5, 80, 64), (3, 96, 48), (6, 40, 0)]
-BATCHES = range(1, 17)  # matrix-vector and every small batch (tiled by 4); 17+ rows take the prefill path
+BATCHES = range(1, 17)  # matrix-vector and every small batch (tiled by 4); on the float path 17+ rows are prefill
 
 
 def _rel(a, b):
@@ -60,11 +60,9 @@ def test_int8_path_equals_its_emulation(bits, sym, out, inp, group):
     k = IntQKernel(p, extension(), Path.INT8)
     ref = p.dequantize()
     assert torch.equal(k.dequantize(), ref)
-    for m in BATCHES:
+    for m in (*BATCHES, 70):  # 70: blocks of 64 activation rows
         x = torch.randn(m, inp, generator=g)
         assert _rel(k(x), quantize_activations(x, p.group) @ ref.T) < TOL, m
-    x = torch.randn(17, inp, generator=g)  # prefill: exact, from the dequantized weights
-    assert _rel(k(x), x @ ref.T) < TOL
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -84,10 +82,11 @@ def test_int8_rows_do_not_depend_on_the_batch():
     exactly (speculative verification relies on it)."""
     p, g = _packed(3, False, 37, 576, 32)
     k = IntQKernel(p, extension(), Path.INT8)
-    x = torch.randn(16, 576, generator=g)
+    x = torch.randn(70, 576, generator=g)
     y = k(x)
-    for i in range(16):
+    for i in range(70):
         assert torch.equal(y[i], k(x[i:i + 1])[0])
+    assert torch.equal(y[3:9], k(x[3:9]))
 
 
 @pytest.mark.parametrize("path", list(Path))
@@ -105,6 +104,15 @@ def test_portable_kernels_match(monkeypatch, path):
             x = torch.randn(m, inp, generator=g)
             xr = quantize_activations(x, p.group) if path is Path.INT8 else x
             assert _rel(k(x), xr @ ref.T) < TOL
+
+
+@pytest.mark.parametrize("path", list(Path))
+def test_batched_inputs_and_empty_batches(path):
+    p, g = _packed(4, False, 5, 96, 32)
+    k = IntQKernel(p, extension(), path)
+    x = torch.randn(2, 3, 96, generator=g)
+    assert torch.equal(k(x), k(x.reshape(6, 96)).view(2, 3, 5))
+    assert k(torch.randn(0, 96)).shape == (0, 5)
 
 
 def test_default_path_and_its_override(monkeypatch):
@@ -150,7 +158,7 @@ def test_compressed_linear_kernel_choice(kernel):
     for rows in (1, 40):
         x = torch.randn(rows, 64, generator=g)
         y = lin(x)
-        int8 = kernel is not Kernel.REFERENCE and rows <= 16 and lin.kernel_op().path is Path.INT8
+        int8 = (kernel is Kernel.CPU or kernel is Kernel.AUTO and rows <= 16) and lin.kernel_op().path is Path.INT8
         ref = (quantize_activations(x, 16) if int8 else x) @ p.dequantize().T + b
         if kernel is Kernel.REFERENCE:
             assert torch.equal(y, torch.nn.functional.linear(x, p.dequantize(), b))

@@ -226,36 +226,38 @@ static void column_map(const intq_t *W, const intq_tile_t *T, int32_t *map) {
                 for (int p = 0; p < 4; p++) map[n++] = column(W, &T[i], l, k, p);
 }
 
-/* Rows [r0, r1) of the dequantized (out, in) float32 matrix; map: column of each row position. */
-INLINE void dequant_i8_bits(const intq_t *W, const int32_t *map, int r0, int r1, float *w, const int bits) {
+/* Rows [r0, r1) of the dequantized (out, in) float32 matrix; map: column of each row position;
+ * st: 2 · G floats of scratch (the row's scales and additive terms). */
+INLINE void dequant_i8_bits(const intq_t *W, const int32_t *map, float *st, int r0, int r1, float *w, const int bits) {
     const size_t row_bytes = (size_t)W->row_codes * bits / 8;
     const float half = (float)(1 << (bits - 1));
     for (int r = r0; r < r1; r++) {
         const uint8_t *p = W->codes + (size_t)r * row_bytes;
-        const uint16_t *s = W->scales + (size_t)r * W->G, *t = W->mins ? W->mins + (size_t)r * W->G : NULL;
+        for (int g = 0; g < W->G; g++) {
+            st[g] = h2f(W->scales[(size_t)r * W->G + g]);
+            st[W->G + g] = W->mins ? h2f(W->mins[(size_t)r * W->G + g]) : -half * st[g];
+        }
         float *wr = w + (size_t)r * W->in;
         for (int n = 0; n < W->row_codes; n += 64, p += 8 * bits) {
             int32_t q[64];
             decode_step(p, bits, q);
             for (int o = 0; o < 64; o++) {
                 const int c = map[n + o];
-                if (c < 0) continue;
-                const float sc = h2f(s[c / W->group]);
-                wr[c] = (float)q[o] * sc + (t ? h2f(t[c / W->group]) : -half * sc);
+                if (c >= 0) wr[c] = (float)q[o] * st[c / W->group] + st[W->G + c / W->group];
             }
         }
     }
 }
 
-CLONES static void dequant_i8(const intq_t *W, const int32_t *map, int r0, int r1, float *w) {
+CLONES static void dequant_i8(const intq_t *W, const int32_t *map, float *st, int r0, int r1, float *w) {
     switch (W->bits) {
-    case 2: dequant_i8_bits(W, map, r0, r1, w, 2); break;
-    case 3: dequant_i8_bits(W, map, r0, r1, w, 3); break;
-    case 4: dequant_i8_bits(W, map, r0, r1, w, 4); break;
-    case 5: dequant_i8_bits(W, map, r0, r1, w, 5); break;
-    case 6: dequant_i8_bits(W, map, r0, r1, w, 6); break;
-    case 7: dequant_i8_bits(W, map, r0, r1, w, 7); break;
-    default: dequant_i8_bits(W, map, r0, r1, w, 8); break;
+    case 2: dequant_i8_bits(W, map, st, r0, r1, w, 2); break;
+    case 3: dequant_i8_bits(W, map, st, r0, r1, w, 3); break;
+    case 4: dequant_i8_bits(W, map, st, r0, r1, w, 4); break;
+    case 5: dequant_i8_bits(W, map, st, r0, r1, w, 5); break;
+    case 6: dequant_i8_bits(W, map, st, r0, r1, w, 6); break;
+    case 7: dequant_i8_bits(W, map, st, r0, r1, w, 7); break;
+    default: dequant_i8_bits(W, map, st, r0, r1, w, 8); break;
     }
 }
 
@@ -306,13 +308,18 @@ int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y) {
 }
 
 int intq_dequant_i8(const intq_t *W, float *w) {
+    int maxth = 1;
+#ifdef _OPENMP
+    maxth = omp_get_max_threads();
+#endif
     intq_tile_t *T = malloc(ntiles(W) * sizeof *T);
     int32_t *map = malloc(W->row_codes * sizeof *map);
-    const int ok = T && map;
+    float *st = malloc((size_t)maxth * 2 * W->G * sizeof(float)); /* per thread: a row's scales, additive terms */
+    const int ok = T && map && st;
     if (ok) {
         build_tiles(W, T);
         column_map(W, T, map);
-#pragma omp parallel
+#pragma omp parallel num_threads(maxth)
         {
             int nth = 1, th = 0, a, b;
 #ifdef _OPENMP
@@ -320,11 +327,12 @@ int intq_dequant_i8(const intq_t *W, float *w) {
             th = omp_get_thread_num();
 #endif
             intq_split(W->out, nth, th, &a, &b);
-            if (a < b) dequant_i8(W, map, a, b, w);
+            if (a < b) dequant_i8(W, map, st + (size_t)th * 2 * W->G, a, b, w);
         }
     }
     free(T);
     free(map);
+    free(st);
     return ok ? 0 : -1;
 }
 

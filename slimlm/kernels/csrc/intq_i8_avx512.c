@@ -170,22 +170,51 @@ TARGET INLINE void rows_block(const intq_t *W, const intq_x8_t *X, int r, const 
     }
 }
 
-/* Rows [r0, r1): blocks of NR rows (4 for one activation row, 2 for more), then single rows. */
-TARGET INLINE void rows_mt(const intq_t *W, const intq_x8_t *X, int r0, int r1, int m0, const int MT, const int bits,
+/* Rows r .. r + nr - 1 (nr <= 4) against activation rows m0 .. m0 + MT - 1: blocks of 4 rows for one
+ * activation row, of 2 for more. */
+TARGET INLINE void chunk(const intq_t *W, const intq_x8_t *X, int r, int nr, int m0, const int MT, const int bits,
+                         float *y) {
+    int j = 0;
+    if (MT == 1 && nr == 4) {
+        rows_block(W, X, r, 4, m0, 1, bits, y);
+        return;
+    }
+    if (MT > 1)
+        for (; j + 2 <= nr; j += 2) rows_block(W, X, r + j, 2, m0, MT, bits, y);
+    for (; j < nr; j++) rows_block(W, X, r + j, 1, m0, MT, bits, y);
+}
+
+/* Rows [r0, r1) against one tile of activation rows (M <= 4): a tight loop over blocks of rows. */
+TARGET INLINE void rows_mt(const intq_t *W, const intq_x8_t *X, int r0, int r1, const int MT, const int bits,
                            float *y) {
     const int NR = MT == 1 ? 4 : 2;
     int r = r0;
-    for (; r + NR <= r1; r += NR) rows_block(W, X, r, NR, m0, MT, bits, y);
-    for (; r < r1; r++) rows_block(W, X, r, 1, m0, MT, bits, y);
+    for (; r + NR <= r1; r += NR) rows_block(W, X, r, NR, 0, MT, bits, y);
+    for (; r < r1; r++) rows_block(W, X, r, 1, 0, MT, bits, y);
 }
 
+/* Rows [r0, r1). More than 4 activation rows: blocks of 64 of them (their int8 copies stay in L2),
+ * within a block chunks of 4 weight rows (in L1 while every activation row of the block passes),
+ * so the weights are read once per 64 activation rows. */
 TARGET INLINE void rows_bits(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y, const int bits) {
-    for (int m0 = 0; m0 < M; m0 += INTQ_MAXM_TILE) {
-        switch (M - m0) {
-        case 1: rows_mt(W, X, r0, r1, m0, 1, bits, y); break;
-        case 2: rows_mt(W, X, r0, r1, m0, 2, bits, y); break;
-        case 3: rows_mt(W, X, r0, r1, m0, 3, bits, y); break;
-        default: rows_mt(W, X, r0, r1, m0, 4, bits, y); break;
+    switch (M) {
+    case 1: rows_mt(W, X, r0, r1, 1, bits, y); return;
+    case 2: rows_mt(W, X, r0, r1, 2, bits, y); return;
+    case 3: rows_mt(W, X, r0, r1, 3, bits, y); return;
+    case 4: rows_mt(W, X, r0, r1, 4, bits, y); return;
+    }
+    for (int mb = 0; mb < M; mb += 64) {
+        const int me = M < mb + 64 ? M : mb + 64;
+        for (int r = r0; r < r1; r += 4) {
+            const int nr = r1 - r < 4 ? r1 - r : 4;
+            for (int m0 = mb; m0 < me; m0 += INTQ_MAXM_TILE) {
+                switch (me - m0) {
+                case 1: chunk(W, X, r, nr, m0, 1, bits, y); break;
+                case 2: chunk(W, X, r, nr, m0, 2, bits, y); break;
+                case 3: chunk(W, X, r, nr, m0, 3, bits, y); break;
+                default: chunk(W, X, r, nr, m0, 4, bits, y); break;
+                }
+            }
         }
     }
 }
