@@ -4,7 +4,9 @@ reference path always available.
 `extension()` returns the compiled module or None; when it is missing (a machine where
 the build failed, or a checkout never installed) the first caller gets one warning and
 everything runs on the reference path. `kernel_for(packed)` gives the fast operator of a
-packed format, or None when no kernel serves that format.
+packed format, or None when no kernel serves that format; an IntQuant kernel runs the
+int8-activation path or the float path (`IntQKernel.path`, chosen as slimlm/kernels/intq.py
+describes).
 """
 
 from __future__ import annotations
