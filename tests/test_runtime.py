@@ -34,8 +34,13 @@ def test_lean_logits_match_transformers(model_type):
     assert (got - ref).abs().max() < ATOL
 
 
+@pytest.mark.parametrize("path", ["float", "int8"])
 @pytest.mark.parametrize("kernel", [Kernel.REFERENCE, Kernel.AUTO, Kernel.CPU])
-def test_lean_runs_compressed_layers_with_each_kernel(kernel):
+def test_lean_runs_compressed_layers_with_each_kernel(kernel, path, monkeypatch):
+    """The float kernels agree with the reference to float rounding; the int8-activation
+    kernels round each 32-column activation block to int8 (step max|x|/127, as llama.cpp's
+    Q8 activations), about 0.5 % of the output per product: within 3 % of the largest logit."""
+    monkeypatch.setenv("SLIMLM_INTQ_PATH", path)
     lm = tiny_model("llama")
     compress_model(lm, "rtn:bits=3,group=16", progress=False)
     ids = _ids(20)
@@ -43,7 +48,8 @@ def test_lean_runs_compressed_layers_with_each_kernel(kernel):
         ref = lm.model(torch.tensor([ids])).logits[0]
     lean = LeanModel(lm.model, RuntimeConfig(kernel=kernel))
     got = torch.cat([lean.extend(ids[:12], all_logits=True), torch.stack([lean.step(t) for t in ids[12:]])])
-    assert (got - ref).abs().max() < ATOL
+    exact = kernel is Kernel.REFERENCE or path == "float"
+    assert (got - ref).abs().max() < (ATOL if exact else 0.03 * ref.abs().max())
 
 
 def test_quantized_head_is_close_and_counted():
