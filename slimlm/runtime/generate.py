@@ -169,7 +169,7 @@ class Chat:
 
     def __init__(self, lm, cfg: GenerationConfig = GenerationConfig(), runtime: RuntimeConfig | None = None):
         if not supports(lm.model):
-            raise SlimlmError(f"multi-turn chat needs the lean runtime, which does not run {lm.config.model_type!r}")
+            raise SlimlmError("multi-turn chat needs the lean runtime, which runs float32 models of the Llama family only")
         self.lm, self.cfg = lm, cfg
         self.lean = LeanModel(lm.model, runtime or RuntimeConfig())
         self.messages: list[dict] = []

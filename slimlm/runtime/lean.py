@@ -58,7 +58,11 @@ class RuntimeConfig:
 
 
 def supports(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED
+    """The lean runtime computes in float32 over float32 dense weights; other models (a BF16
+    cast, say) run on transformers' own generation instead."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in SUPPORTED:
+        return False
+    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
 
 
 class _LinearOp:
