@@ -58,10 +58,15 @@ def time_lean(lean: LeanModel, ids: list[int], n: int) -> tuple[float, float]:
 
 
 def llama_cpp_models(threads: int) -> dict:
+    """llama.cpp Q8_0 and Q4_0, each loaded twice: plain CPU buffers (prefill and decode) and with
+    its extra buffer types (AMX / repacked layouts), which on this machine crash on batches of
+    more than one token (benchmarks/_llama.py), so that copy is timed on decode only."""
     try:
         import llama_cpp
     except ImportError:
         return {}
+    from _llama import load
+
     out = {}
     for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
         path = OUT / f"{name.split()[-1]}.gguf"
@@ -73,21 +78,26 @@ def llama_cpp_models(threads: int) -> dict:
             rc = llama_cpp.llama_model_quantize(str(builtin_path("smollm2-135m")).encode(), str(path).encode(), params)
             if rc != 0:
                 raise RuntimeError(f"llama_model_quantize failed ({rc}) for {name}")
-        out[name] = (llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                                     n_batch=512, verbose=False), path.stat().st_size)
+        kw = dict(n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512)
+        out[name] = (load(path, extra_bufts=False, **kw), path.stat().st_size, True)
+        out[f"{name} repack"] = (load(path, extra_bufts=True, **kw), path.stat().st_size, False)
     return out
 
 
-def time_llama(llm, ids: list[int], n: int) -> tuple[float, float]:
+def time_llama(llm, ids: list[int], n: int, batched: bool = True) -> tuple[float, float]:
     llm.reset()
     t0 = time.perf_counter()
-    llm.eval(ids)
+    if batched:
+        llm.eval(ids)
+    else:  # one token at a time: the prompt's figure is then not a prefill figure
+        for t in ids:
+            llm.eval([t])
     t1 = time.perf_counter()
     for _ in range(n):
         tok = int(llm.scores[llm.n_tokens - 1].argmax())
         llm.eval([tok])
     t2 = time.perf_counter()
-    return len(ids) / (t1 - t0), n / (t2 - t1)
+    return (len(ids) / (t1 - t0) if batched else float("nan")), n / (t2 - t1)
 
 
 def main():
@@ -99,6 +109,10 @@ def main():
     ap.add_argument("--k", type=int, default=4, help="tokens drafted per speculative round")
     ap.add_argument("--spec-tokens", type=int, default=64)
     ap.add_argument("--skip", nargs="*", default=[], help="engine names to leave out")
+    ap.add_argument("--out", help="also write the JSON result here")
+    ap.add_argument("--spec-only", action="store_true", help="only the speculative-decoding measurement")
+    ap.add_argument("--target", default="w4g32", choices=["fp32", *RECIPES], help="speculative target model")
+    ap.add_argument("--draft", default="2,32", help="draft: RTN bits,group of the target's own block linears")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -114,8 +128,8 @@ def main():
         engines[f"{name} head8"] = LeanModel(lm.model, RuntimeConfig(head_bits=8))
         if name == "w2g32":
             engines[f"{name} head4"] = LeanModel(lm.model, RuntimeConfig(head_bits=4, head_group=32))
-    engines = {k: v for k, v in engines.items() if k not in a.skip}
-    peers = {k: v for k, v in llama_cpp_models(a.threads).items() if k not in a.skip}
+    engines = {k: v for k, v in engines.items() if k not in a.skip and not a.spec_only}
+    peers = {k: v for k, v in llama_cpp_models(a.threads).items() if k not in a.skip} if not a.spec_only else {}
 
     res = {k: ([], []) for k in [*engines, *peers]}
     for r in range(a.runs + 1):  # interleaved: every engine once per round
@@ -124,22 +138,23 @@ def main():
             if r:
                 res[name][0].append(p)
                 res[name][1].append(d)
-        for name, (llm, _) in peers.items():
-            p, d = time_llama(llm, ids, a.decode_tokens)
+        for name, (llm, _, batched) in peers.items():
+            p, d = time_llama(llm, ids, a.decode_tokens, batched)
             if r:
                 res[name][0].append(p)
                 res[name][1].append(d)
     rows = []
     for name, (p, d) in res.items():
         nbytes = engines[name].bytes_per_token() if name in engines else peers[name][1]
-        rows.append(dict(engine=name, prefill_tps=statistics.median(p), decode_tps=statistics.median(d),
+        rows.append(dict(engine=name, prefill_tps=statistics.median(p) if p[0] == p[0] else None, decode_tps=statistics.median(d),
                          weight_mb_per_token=nbytes / 1e6))
 
-    # self-speculative: target w4g32 with an 8-bit head, draft 2-bit RTN of the same weights
-    target_lm = compressed("w4g32")
+    # self-speculative: the target with an 8-bit head, the draft RTN of the target's own weights
+    target_lm = base if a.target == "fp32" else compressed(a.target)
     rt = RuntimeConfig(head_bits=8)
-    target = engines.get("w4g32 head8") or LeanModel(target_lm.model, rt)
-    draft = LeanModel(draft_model(target_lm.model, bits=2), rt)
+    target = engines.get(f"{a.target} head8") or LeanModel(target_lm.model, rt)
+    dbits, dgroup = (int(v) for v in a.draft.split(","))
+    draft = LeanModel(draft_model(target_lm.model, bits=dbits, group=dgroup), rt)
     cfg = GenerationConfig(max_new_tokens=a.spec_tokens)
     spec = {"plain": [], "spec": []}
     for r in range(a.runs + 1):
@@ -159,12 +174,14 @@ def main():
             spec["plain"].append(t1 - t0)
             spec["spec"].append(t2 - t1)
     result = dict(threads=a.threads, prompt_tokens=len(ids), decode_tokens=a.decode_tokens, runs=a.runs, rows=rows,
-                  speculative=dict(k=a.k, tokens=a.spec_tokens, identical=out == plain, acceptance=stats.acceptance,
+                  speculative=dict(target=a.target, draft=a.draft, k=a.k, tokens=a.spec_tokens, identical=out == plain, acceptance=stats.acceptance,
                                    mean_accepted_per_round=statistics.mean(stats.per_round),
                                    plain_s=statistics.median(spec["plain"]), spec_s=statistics.median(spec["spec"]),
                                    speedup=statistics.median(spec["plain"]) / statistics.median(spec["spec"])),
                   peak_rss_mb=peak_rss_bytes() / 2**20, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(json.dumps(result, indent=2))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
