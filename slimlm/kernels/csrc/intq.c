@@ -30,22 +30,11 @@
 #include <omp.h>
 #endif
 #include "intq.h"
+#include "portable.h"
 
 #define SB 64 /* codes per superblock */
 #define CH 16 /* codes per chunk: one group never splits a chunk */
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define CLONES
-#endif
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE float h2f(uint16_t h) {
-    _Float16 f;
-    memcpy(&f, &h, 2);
-    return (float)f;
-}
 
 /* The 64 codes of one superblock as floats. `bits` is a compile-time constant at every call. */
 INLINE void decode_sb(const uint8_t *p, const int bits, float *qf) {

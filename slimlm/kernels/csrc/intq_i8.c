@@ -41,19 +41,8 @@
 #include <omp.h>
 #endif
 #include "intq.h"
+#include "portable.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define CLONES
-#endif
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE float h2f(uint16_t h) {
-    _Float16 f;
-    memcpy(&f, &h, 2);
-    return (float)f;
-}
 
 void intq_i8_geometry(intq_t *W) {
     W->B = (W->group + 15) / 16 * 16 % 32 == 0 ? 32 : 16;
