@@ -189,12 +189,8 @@ int intq_matmul(const intq_t *W, const float *x, int M, float *y) {
     const int use512 = intq_has_avx512();
 #pragma omp parallel
     {
-        int nt = 1, t = 0, a, b;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        t = omp_get_thread_num();
-#endif
-        intq_split(W->out, nt, t, &a, &b);
+        int a, b;
+        intq_thread_rows(W->out, &a, &b);
         if (a < b) {
             if (use512)
                 intq_rows_avx512(W, a, b, xv, xstride, xs, M, y);
@@ -210,12 +206,8 @@ int intq_matmul(const intq_t *W, const float *x, int M, float *y) {
 int intq_dequant(const intq_t *W, float *w) {
 #pragma omp parallel
     {
-        int nt = 1, t = 0, a, b;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        t = omp_get_thread_num();
-#endif
-        intq_split(W->out, nt, t, &a, &b);
+        int a, b;
+        intq_thread_rows(W->out, &a, &b);
         if (a < b) dequant_kernel(W, a, b, w);
     }
     return 0;

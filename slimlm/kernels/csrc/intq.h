@@ -2,6 +2,9 @@
 #ifndef SLIMLM_INTQ_H
 #define SLIMLM_INTQ_H
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define INTQ_MAXM_TILE 4 /* activation rows sharing one decode of the codes */
 
@@ -48,6 +51,15 @@ static inline void intq_split(int n, int nt, int t, int *a, int *b) { /* rows [a
     const int per = (n + nt - 1) / nt;
     *a = t * per < n ? t * per : n;
     *b = *a + per < n ? *a + per : n;
+}
+
+/* Rows [a, b) of n for the calling thread of the enclosing OpenMP parallel region (all of them without OpenMP). */
+static inline void intq_thread_rows(int n, int *a, int *b) {
+#ifdef _OPENMP
+    intq_split(n, omp_get_num_threads(), omp_get_thread_num(), a, b);
+#else
+    intq_split(n, 1, 0, a, b);
+#endif
 }
 
 void intq_i8_geometry(intq_t *W);

@@ -273,12 +273,8 @@ int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y) {
         const intq_x8_t X = {nt, T, xq, lanes, lanes + (size_t)M * nt * 16};
 #pragma omp parallel
         {
-            int nth = 1, th = 0, a, b;
-#ifdef _OPENMP
-            nth = omp_get_num_threads();
-            th = omp_get_thread_num();
-#endif
-            intq_split(W->out, nth, th, &a, &b);
+            int a, b;
+            intq_thread_rows(W->out, &a, &b);
             if (a < b) {
                 if (vnni)
                     intq_rows_i8_avx512(W, &X, a, b, M, y);
@@ -310,12 +306,11 @@ int intq_dequant_i8(const intq_t *W, float *w) {
         column_map(W, T, map);
 #pragma omp parallel num_threads(maxth)
         {
-            int nth = 1, th = 0, a, b;
+            int a, b, th = 0;
 #ifdef _OPENMP
-            nth = omp_get_num_threads();
             th = omp_get_thread_num();
 #endif
-            intq_split(W->out, nth, th, &a, &b);
+            intq_thread_rows(W->out, &a, &b);
             if (a < b) dequant_i8(W, map, st + (size_t)th * 2 * W->G, a, b, w);
         }
     }
