@@ -88,33 +88,34 @@ def generate_ids(model, prompt_ids: list[int], cfg: GenerationConfig, eos_ids=()
     else:
         yield from _generate_ids_transformers(model, prompt_ids, cfg, eos_ids, on_prefill)
         return
-    gen = torch.Generator().manual_seed(cfg.seed)
-    logits = lean.prefill(list(prompt_ids))
+    yield from _decode(lean.prefill(list(prompt_ids)), lean.step, cfg, eos_ids, on_prefill)
+
+
+def _generate_ids_transformers(model, prompt_ids, cfg, eos_ids, on_prefill) -> Iterator[int]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+
+    def forward(ids) -> torch.Tensor:
+        return model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+
+    yield from _decode(forward(list(prompt_ids)), lambda tok: forward([tok]), cfg, eos_ids, on_prefill)
+
+
+def _decode(logits: torch.Tensor, step: Callable[[int], torch.Tensor], cfg: GenerationConfig, eos_ids,
+            on_prefill: Callable | None) -> Iterator[int]:
+    """The sampling loop shared by both engines: `logits` of the prompt's last token, `step(tok)`
+    the next token's; no step after the last token."""
     if on_prefill is not None:
         on_prefill()
+    gen = torch.Generator().manual_seed(cfg.seed)
     for i in range(cfg.max_new_tokens):
         tok = sample_next(logits, cfg, gen)
         if tok in eos_ids:
             return
         yield tok
         if i + 1 < cfg.max_new_tokens:
-            logits = lean.step(tok)
-
-
-def _generate_ids_transformers(model, prompt_ids, cfg, eos_ids, on_prefill) -> Iterator[int]:
-    from transformers import DynamicCache
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    cache = DynamicCache()
-    logits = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits[0, -1]
-    if on_prefill is not None:
-        on_prefill()
-    for _ in range(cfg.max_new_tokens):
-        tok = sample_next(logits, cfg, gen)
-        if tok in eos_ids:
-            return
-        yield tok
-        logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = step(tok)
 
 
 def chat_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
