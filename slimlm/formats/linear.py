@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm.formats.base import Packed, bits_per_weight
+from slimlm.kernels.intq import SMALL_BATCH  # rows at or below which `auto` uses the matrix-vector kernel
 
 
 class Kernel(str, Enum):
@@ -41,7 +42,6 @@ class Kernel(str, Enum):
     AUTO = "auto"
 
 
-SMALL_BATCH = 16  # rows at or below which `auto` uses the matrix-vector kernel
 
 
 class CompressedLinear(nn.Module):
