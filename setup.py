@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 unix = sys.platform != "win32"
 kernels = Extension(
     "slimlm.kernels._C",
-    sources=[f"slimlm/kernels/csrc/{f}.c" for f in ("intq", "intq_avx512", "intq_i8", "intq_i8_avx512", "module")],
-    depends=["slimlm/kernels/csrc/intq.h", "slimlm/kernels/csrc/portable.h"],
+    sources=[f"slimlm/kernels/csrc/{f}.c" for f in ("intq", "intq_avx512", "intq_i8", "intq_i8_avx512", "lean", "module")],
+    depends=["slimlm/kernels/csrc/intq.h", "slimlm/kernels/csrc/lean.h", "slimlm/kernels/csrc/portable.h"],
     extra_compile_args=["-O3", "-fopenmp", "-mprefer-vector-width=512", "-std=gnu11"] if unix else ["/O2", "/openmp"],
     extra_link_args=["-fopenmp"] if unix else [],
     optional=True,

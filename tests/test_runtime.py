@@ -23,15 +23,59 @@ def _ids(n, seed=1):
     return torch.randint(0, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
-def test_lean_logits_match_transformers(model_type):
+def test_lean_logits_match_transformers(model_type, fused):
+    """Both the PyTorch blocks and the fused C step (csrc/lean.c, dense float32 rows here):
+    a 16-token first chunk, a 3-token chunk (speculative verification), then single steps."""
     m = tiny_model(model_type).model
     ids = _ids(24)
     with torch.no_grad():
         ref = m(torch.tensor([ids])).logits[0]
-    lean = LeanModel(m, RuntimeConfig())
-    got = torch.cat([lean.extend(ids[:16], all_logits=True), torch.stack([lean.step(t) for t in ids[16:]])])
+    lean = LeanModel(m, RuntimeConfig(fused=fused))
+    assert lean.fused is fused
+    got = torch.cat([lean.extend(ids[:16], all_logits=True), lean.extend(ids[16:19], all_logits=True),
+                     torch.stack([lean.step(t) for t in ids[19:]])])
     assert (got - ref).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sliding_window_layers_mask_old_keys(fused):
+    """Mistral with a window of 8 keys over 24 tokens: the mask matters for the later ones."""
+    m = tiny_model("mistral", sliding_window=8).model
+    ids = _ids(24)
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0]
+        full = tiny_model("mistral").model(torch.tensor([ids])).logits[0]
+    assert (full[12:] - ref[12:]).abs().max() > 0.01  # the window changes the logits
+    lean = LeanModel(m, RuntimeConfig(fused=fused))
+    got = torch.cat([lean.extend(ids[:10], all_logits=True), torch.stack([lean.step(t) for t in ids[10:]])])
+    assert (got - ref).abs().max() < ATOL
+
+
+def test_fused_step_serves_int8_kernels_only():
+    """The fused step reads IntQuant codes in the int8-path layout; a float-path or reference
+    model runs its blocks in PyTorch instead."""
+    lm = tiny_model("llama")
+    compress_model(lm, "rtn:bits=4,group=16", progress=False)
+    assert LeanModel(lm.model, RuntimeConfig()).fused == (LeanModel(lm.model).blocks[0].qkv.kernel.path.value == "int8")
+    assert not LeanModel(lm.model, RuntimeConfig(kernel=Kernel.REFERENCE)).fused
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fused_int8_step_equals_the_pytorch_blocks(bits, monkeypatch):
+    """Same int8-activation products in both: the fused step only moves the rest into C, so
+    the logits agree to float rounding — amplified where an activation lands on a rounding
+    boundary of its int8 block, hence 1 % of the largest logit."""
+    monkeypatch.setenv("SLIMLM_INTQ_PATH", "int8")
+    lm = tiny_model("qwen2")  # q/k/v biases
+    compress_model(lm, f"rtn:bits={bits},group=16", progress=False)
+    ids = _ids(12)
+    fused, torch_ = LeanModel(lm.model, RuntimeConfig(fused=True)), LeanModel(lm.model, RuntimeConfig(fused=False))
+    assert fused.fused and not torch_.fused
+    a = torch.cat([fused.extend(ids[:4], all_logits=True), torch.stack([fused.step(t) for t in ids[4:]])])
+    b = torch.cat([torch_.extend(ids[:4], all_logits=True), torch.stack([torch_.step(t) for t in ids[4:]])])
+    assert (a - b).abs().max() < 0.01 * b.abs().max()
 
 
 @pytest.mark.parametrize("path", ["float", "int8"])

@@ -40,12 +40,15 @@ class RuntimeConfig:
 
     `head_bits` 0 keeps the head as loaded; 2–8 quantizes it (RTN, asymmetric, groups of
     `head_group`) for the runtime only — the tied input embedding stays as it is.
+    `fused` runs a one-token step as one C call over all blocks (csrc/lean.c) when every
+    block linear is an int8-path IntQuant kernel or dense float32; False keeps PyTorch.
     """
 
     kernel: Kernel = Kernel.AUTO
     head_bits: int = 0
     head_group: int = 64
     max_seq: int = 4096
+    fused: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "kernel", Kernel(self.kernel))
@@ -92,6 +95,24 @@ class _LinearOp:
             return self.mods[0](x)
         return torch.cat([m(x) for m in self.mods], -1)
 
+    def plan(self) -> tuple | None:
+        """This product as lean.c reads it (pointers as ints), or None when it cannot."""
+        from slimlm.kernels.intq import Path
+
+        if self.kernel is not None:
+            if self.kernel.path is not Path.INT8:
+                return None
+            bias = 0 if self.bias is None else self.bias.data_ptr()
+            return (0, *self.kernel._args, bias)
+        if self.always or any(type(m) is not nn.Linear or m.weight.dtype != torch.float32
+                              or not m.weight.is_contiguous() for m in self.mods):
+            return None
+        if any(m.bias is not None for m in self.mods):
+            self.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
+                                   for m in self.mods]).float().contiguous()
+        bias = 0 if self.bias is None else self.bias.data_ptr()
+        return (1, self.mods[0].in_features, bias, tuple((m.weight.data_ptr(), m.out_features) for m in self.mods))
+
     def nbytes(self) -> int:
         """Weight bytes one product reads."""
         if self.kernel is not None:
@@ -117,6 +138,8 @@ class _Block:
 class LeanModel:
     """A Llama-family causal LM ready to decode: `prefill`, `step`, `extend`, `truncate`."""
 
+    fused_max_tokens = 16  # longer runs of tokens (prompts) go through PyTorch's batched matmuls
+
     def __init__(self, model: nn.Module, runtime: RuntimeConfig = RuntimeConfig()):
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
@@ -139,6 +162,36 @@ class LeanModel:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.tokens: list[int] = []
+        self._plan = self._fused_plan() if runtime.fused and runtime.kernel is not Kernel.REFERENCE else None
+        self._cache_ptrs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _fused_plan(self):
+        """lean.c's plan of this model, or None when a block linear has no fused form."""
+        from slimlm.kernels import extension
+
+        ext = extension()
+        if ext is None or not hasattr(ext, "lean_new"):
+            return None
+        layers = []
+        for b, win in zip(self.blocks, self.windows):
+            ops = [op.plan() for op in (b.qkv, b.o, b.gate_up, b.down)]
+            if any(op is None for op in ops):
+                return None
+            norms = [0 if w is None else w.data_ptr() for w in (b.q_norm, b.k_norm)]
+            if any(w is not None and (w.dtype != torch.float32 or not w.is_contiguous())
+                   for w in (b.ln1, b.ln2, b.q_norm, b.k_norm)):
+                return None
+            layers.append((b.ln1.data_ptr(), b.ln2.data_ptr(), *norms, b.q_out // self.hd, b.k_out // self.hd,
+                           b.ffn, win or 0, *ops))
+        if self.norm.dtype != torch.float32 or not self.norm.is_contiguous():
+            return None
+        return ext.lean_new(self.dim, self.hd, float(self.eps), self.max_seq, self.cos.data_ptr(), self.sin.data_ptr(),
+                            self.norm.data_ptr(), layers)
+
+    @property
+    def fused(self) -> bool:
+        """Whether one-token steps run as one C call (csrc/lean.c)."""
+        return self._plan is not None
 
     @staticmethod
     def _windows(cfg) -> list[int | None]:
@@ -182,6 +235,8 @@ class LeanModel:
                     cache[i] = t
                 else:
                     cache.append(t)
+        self._cache_ptrs = (torch.tensor([t.data_ptr() for t in self.k_cache], dtype=torch.int64),
+                            torch.tensor([t.data_ptr() for t in self.v_cache], dtype=torch.int64))
 
     def truncate(self, n: int) -> None:
         """Forget every cached position from `n` on (the keys stay, to be overwritten)."""
@@ -202,6 +257,8 @@ class LeanModel:
         T, pos = len(ids), len(self.tokens)
         L = pos + T
         self._ensure(L)
+        if self._plan is not None and T <= self.fused_max_tokens:
+            return self._fused(ids, pos, all_logits)
         x = self.embed(torch.tensor(ids)).float()  # (T, d)
         cos, sin = self.cos[pos:L].unsqueeze(1), self.sin[pos:L].unsqueeze(1)  # (T, 1, hd)
         hd, scale = self.hd, self.hd ** -0.5
@@ -241,6 +298,17 @@ class LeanModel:
         self.tokens.extend(ids)
         x = x if all_logits else x[-1:]
         logits = self.head(F.rms_norm(x, (self.dim,), self.norm, self.eps)).float()
+        return logits if all_logits else logits[0]
+
+    def _fused(self, ids: list[int], pos: int, all_logits: bool) -> torch.Tensor:
+        from slimlm.kernels import extension
+
+        x = self.embed(torch.tensor(ids)).float().contiguous()  # (T, d), run and normed in place
+        kp, vp = self._cache_ptrs
+        extension().lean_step(self._plan, x.data_ptr(), len(ids), pos, kp.data_ptr(), vp.data_ptr(),
+                              self.k_cache[0].shape[1])
+        self.tokens.extend(ids)
+        logits = self.head(x if all_logits else x[-1:]).float()
         return logits if all_logits else logits[0]
 
     def prefill(self, ids: list[int]) -> torch.Tensor:

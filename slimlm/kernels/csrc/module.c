@@ -3,6 +3,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "intq.h"
+#include "lean.h"
+#include <stdlib.h>
 
 static int parse_w(PyObject *const *a, intq_t *W) {
     W->codes = PyLong_AsVoidPtr(a[0]);
@@ -77,6 +79,138 @@ static PyObject *py_has_vnni(PyObject *self, PyObject *unused) { return PyBool_F
 
 static PyObject *py_isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(intq_isa()); }
 
+
+/* ---- fused decode step (lean.c) ------------------------------------------------------------ */
+
+static int parse_linear(PyObject *t, lean_linear_t *L) {
+    int kind;
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 1) goto bad;
+    kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+    if (PyErr_Occurred()) return -1;
+    L->kind = kind;
+    if (kind == LEAN_INTQ) {
+        unsigned long long bias;
+        if (PyTuple_GET_SIZE(t) != 9) goto bad;
+        if (parse_w(&PyTuple_GET_ITEM(t, 1), &L->W)) return -1; /* items 1..7 as matmul's first seven arguments */
+        bias = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 8));
+        if (PyErr_Occurred()) return -1;
+        L->bias = (const float *)(uintptr_t)bias;
+        L->in = L->W.in, L->total = L->W.out, L->nparts = 1;
+        return 0;
+    }
+    if (kind == LEAN_DENSE) {
+        unsigned long long bias;
+        PyObject *parts;
+        int dummy;
+        if (!PyArg_ParseTuple(t, "iiKO!", &dummy, &L->in, &bias, &PyTuple_Type, &parts)) return -1;
+        L->bias = (const float *)(uintptr_t)bias;
+        L->nparts = (int)PyTuple_GET_SIZE(parts);
+        if (L->nparts < 1 || L->nparts > LEAN_MAX_PARTS || L->in < 1) goto bad;
+        L->total = 0;
+        for (int p = 0; p < L->nparts; p++) {
+            unsigned long long w;
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(parts, p), "Ki", &w, &L->out[p])) return -1;
+            if (L->out[p] < 1) goto bad;
+            L->w[p] = (const float *)(uintptr_t)w;
+            L->total += L->out[p];
+        }
+        return 0;
+    }
+bad:
+    PyErr_SetString(PyExc_ValueError, "lean_new: a linear is (0, codes, scales, mins, out, in, group, bits, bias) "
+                                      "or (1, in, bias, ((w, out), ...))");
+    return -1;
+}
+
+static void lean_free(PyObject *cap) {
+    lean_model_t *M = PyCapsule_GetPointer(cap, "slimlm.lean");
+    if (!M) return;
+    free(M->layers);
+    free(M->scratch);
+    free(M);
+}
+
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+
+/* lean_new(dim, hd, eps, max_cap, cos, sin, norm, layers) -> capsule; layers: a list of
+ * (ln1, ln2, q_norm, k_norm, nq, nkv, ffn, window, qkv, o, gate_up, down), pointers as ints (0: none). */
+static PyObject *py_lean_new(PyObject *self, PyObject *args) {
+    int dim, hd, max_cap;
+    float eps;
+    unsigned long long cos, sin, norm;
+    PyObject *layers;
+    if (!PyArg_ParseTuple(args, "iifiKKKO!", &dim, &hd, &eps, &max_cap, &cos, &sin, &norm, &PyList_Type, &layers))
+        return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(layers);
+    if (dim < 1 || hd < 2 || hd % 2 || max_cap < 1 || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "lean_new: bad model shape");
+        return NULL;
+    }
+    lean_model_t *M = calloc(1, sizeof *M);
+    if (!M || !(M->layers = calloc(n, sizeof *M->layers))) {
+        free(M);
+        return PyErr_NoMemory();
+    }
+    *M = (lean_model_t){(int)n, dim, hd, max_cap, eps, (const float *)(uintptr_t)cos, (const float *)(uintptr_t)sin,
+                        (const float *)(uintptr_t)norm, M->layers, dim, dim, NULL};
+    int maxq = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        lean_layer_t *B = &M->layers[i];
+        unsigned long long ln1, ln2, qn, kn;
+        PyObject *lin[4];
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "KKKKiiiiOOOO", &ln1, &ln2, &qn, &kn, &B->nq, &B->nkv,
+                              &B->ffn, &B->window, &lin[0], &lin[1], &lin[2], &lin[3]))
+            goto fail;
+        B->ln1 = (const float *)(uintptr_t)ln1, B->ln2 = (const float *)(uintptr_t)ln2;
+        B->q_norm = (const float *)(uintptr_t)qn, B->k_norm = (const float *)(uintptr_t)kn;
+        if (parse_linear(lin[0], &B->qkv) || parse_linear(lin[1], &B->o) || parse_linear(lin[2], &B->gate_up) ||
+            parse_linear(lin[3], &B->down))
+            goto fail;
+        const int qo = B->nq * hd, ko = B->nkv * hd;
+        if (B->nq < 1 || B->nkv < 1 || B->nq % B->nkv || B->qkv.in != dim || B->qkv.total != qo + 2 * ko ||
+            B->o.in != qo || B->o.total != dim || B->gate_up.in != dim || B->gate_up.total != 2 * B->ffn ||
+            B->down.in != B->ffn || B->down.total != dim || (!B->q_norm) != (!B->k_norm)) {
+            PyErr_Format(PyExc_ValueError, "lean_new: layer %zd has inconsistent shapes", i);
+            goto fail;
+        }
+        M->big = MAX2(M->big, MAX2(B->qkv.total, B->gate_up.total));
+        M->att = MAX2(M->att, qo);
+        maxq = MAX2(maxq, B->nq);
+    }
+    if (!(M->scratch = malloc(LEAN_MAX_T * ((size_t)dim + M->big + M->att + (size_t)maxq * max_cap) * sizeof(float)))) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    PyObject *cap = PyCapsule_New(M, "slimlm.lean", lean_free);
+    if (cap) return cap;
+fail:
+    free(M->layers);
+    free(M->scratch);
+    free(M);
+    return NULL;
+}
+
+/* lean_step(plan, x, T, pos, kcache_ptrs, vcache_ptrs, cap): x (T, dim) float32 in place; *_ptrs: int64 (n_layers,) */
+static PyObject *py_lean_step(PyObject *self, PyObject *const *a, Py_ssize_t n) {
+    if (n != 7) return PyErr_Format(PyExc_TypeError, "lean_step takes 7 arguments, got %zd", n);
+    const lean_model_t *M = PyCapsule_GetPointer(a[0], "slimlm.lean");
+    if (!M) return NULL;
+    float *x = PyLong_AsVoidPtr(a[1]);
+    const int T = (int)PyLong_AsLong(a[2]), pos = (int)PyLong_AsLong(a[3]);
+    float *const *kc = PyLong_AsVoidPtr(a[4]), *const *vc = PyLong_AsVoidPtr(a[5]);
+    const int cap = (int)PyLong_AsLong(a[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (T < 1 || T > LEAN_MAX_T || pos < 0 || pos + T > cap || cap > M->max_cap) {
+        PyErr_Format(PyExc_ValueError, "lean_step: %d tokens at position %d do not fit (at most %d tokens, cache %d of %d)",
+                     T, pos, LEAN_MAX_T, cap, M->max_cap);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = lean_step(M, x, T, pos, kc, vc, cap);
+    Py_END_ALLOW_THREADS if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y (M, out) = x (M, in) @ W.T from repacked codes"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL, "dequantized (out, in) float32 weights"},
@@ -85,6 +219,8 @@ static PyMethodDef methods[] = {
     {"layout_i8", (PyCFunction)(void (*)(void))py_layout_i8, METH_FASTCALL, "(B, row_codes) of the int8-path layout"},
     {"has_vnni", py_has_vnni, METH_NOARGS, "whether the int8 path runs its AVX-512 VNNI kernel here"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run with"},
+    {"lean_new", py_lean_new, METH_VARARGS, "the plan of a fused decode step (lean.c)"},
+    {"lean_step", (PyCFunction)(void (*)(void))py_lean_step, METH_FASTCALL, "all blocks for one token, in place"},
     {NULL, NULL, 0, NULL},
 };
 

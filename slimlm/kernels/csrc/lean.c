@@ -1,0 +1,189 @@
+/* One decode step of a Llama-family model in C: every decoder block for one token, with no
+ * Python between the operations (slimlm/runtime/lean.py builds the plan and calls it once
+ * per token; prefill and multi-token verification stay in PyTorch).
+ *
+ * Per block, for the token at position pos over the hidden state x (dim):
+ *
+ *   h = rmsnorm(x) · ln1;  [q k v] = Wqkv h;  (qk-norm);  rope(q, k);  cache[pos] = k, v
+ *   o = softmax(q·K / √hd) V   per query head, grouped by KV head, over [lo, pos]
+ *   x += Wo o;  h = rmsnorm(x) · ln2;  [g u] = Wgu h;  x += Wdown (silu(g) · u)
+ *
+ * and at the end x = rmsnorm(x) · norm, the input of the output head (run by the caller).
+ * lo = 0, or pos - window + 1 on a sliding-window layer. The arithmetic follows lean.py
+ * operation for operation (float32 throughout; rope in the rotate-half convention); the
+ * linears are IntQuant products on the int8 path (intq_i8.c) or dense float32 rows.
+ * The KV cache is the caller's: (nkv, cap, hd) float32 per layer, pointers passed per call
+ * because the caller grows it by reallocation.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "intq.h"
+#include "lean.h"
+#include "portable.h"
+
+/* ---- dense float32 rows -------------------------------------------------------------------- */
+
+/* y[m, r] = w[r] · x[m] for rows [r0, r1) and M activation rows (y's row stride ys); each weight
+ * row is read once from memory for all M, four rows share each load of x. */
+CLONES static void dense_rows(const float *w, int in, const float *x, int M, int r0, int r1, float *y, int ys) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *a = w + (size_t)r * in, *b = a + in, *c = b + in, *d = c + in;
+        for (int m = 0; m < M; m++) {
+            const float *xm = x + (size_t)m * in;
+            float sa[16] = {0}, sb[16] = {0}, sc[16] = {0}, sd[16] = {0};
+            int j = 0;
+            for (; j + 16 <= in; j += 16)
+                for (int l = 0; l < 16; l++) {
+                    const float v = xm[j + l];
+                    sa[l] += a[j + l] * v, sb[l] += b[j + l] * v, sc[l] += c[j + l] * v, sd[l] += d[j + l] * v;
+                }
+            float ta = 0.f, tb = 0.f, tc = 0.f, td = 0.f;
+            for (; j < in; j++) ta += a[j] * xm[j], tb += b[j] * xm[j], tc += c[j] * xm[j], td += d[j] * xm[j];
+            for (int l = 0; l < 16; l++) ta += sa[l], tb += sb[l], tc += sc[l], td += sd[l];
+            float *ym = y + (size_t)m * ys + r;
+            ym[0] = ta, ym[1] = tb, ym[2] = tc, ym[3] = td;
+        }
+    }
+    for (; r < r1; r++)
+        for (int m = 0; m < M; m++) {
+            const float *a = w + (size_t)r * in, *xm = x + (size_t)m * in;
+            float s[16] = {0}, t = 0.f;
+            int j = 0;
+            for (; j + 16 <= in; j += 16)
+                for (int l = 0; l < 16; l++) s[l] += a[j + l] * xm[j + l];
+            for (; j < in; j++) t += a[j] * xm[j];
+            for (int l = 0; l < 16; l++) t += s[l];
+            y[(size_t)m * ys + r] = t;
+        }
+}
+
+/* y (M, Σ out) = the stacked linears of L applied to x (M, in). */
+static int linear(const lean_linear_t *L, const float *x, int M, float *y) {
+    if (L->kind == LEAN_INTQ) {
+        if (intq_matmul_i8(&L->W, x, M, y)) return -1;
+    } else {
+#pragma omp parallel
+        {
+            int off = 0;
+            for (int p = 0; p < L->nparts; p++) {
+                int a, b;
+                intq_thread_rows(L->out[p], &a, &b);
+                if (a < b) dense_rows(L->w[p], L->in, x, M, a, b, y + off, L->total);
+                off += L->out[p];
+            }
+        }
+    }
+    if (L->bias)
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < L->total; r++) y[(size_t)m * L->total + r] += L->bias[r];
+    return 0;
+}
+
+/* ---- elementwise ---------------------------------------------------------------------------- */
+
+/* y = x / sqrt(mean(x²) + eps) · w, as torch's rms_norm computes it in float32. */
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *y) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+/* x (heads, hd) in place: x·cos + rotate_half(x)·sin, rotate_half(x) = (-x[h:], x[:h]). */
+static void rope(float *x, int heads, int hd, const float *cos, const float *sin) {
+    const int h = hd / 2;
+    for (int n = 0; n < heads; n++, x += hd)
+        for (int i = 0; i < h; i++) {
+            const float a = x[i], b = x[i + h];
+            x[i] = a * cos[i] - b * sin[i];
+            x[i + h] = b * cos[i + h] + a * sin[i + h];
+        }
+}
+
+static float dot(const float *a, const float *b, int n) {
+    float s[16] = {0}, t = 0.f;
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) s[l] += a[j + l] * b[j + l];
+    for (; j < n; j++) t += a[j] * b[j];
+    for (int l = 0; l < 16; l++) t += s[l];
+    return t;
+}
+
+/* o (M, nq, hd): query m of each head attends the cached positions [lo(pos + m), pos + m];
+ * q rows have stride qs floats. score (M · nq, cap) is scratch. Query head n reads KV head
+ * n / (nq / nkv). */
+static void attention(const float *q, int qs, const float *kc, const float *vc, int M, int nq, int nkv, int hd,
+                      int cap, int pos, int window, float *score, float *o) {
+    const int rep = nq / nkv;
+    const float scale = 1.f / sqrtf((float)hd);
+#pragma omp parallel for schedule(static)
+    for (int mn = 0; mn < M * nq; mn++) {
+        const int m = mn / nq, n = mn % nq, hi = pos + m;
+        const int lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0, L = hi - lo + 1;
+        const float *K = kc + (size_t)(n / rep) * cap * hd, *V = vc + (size_t)(n / rep) * cap * hd;
+        const float *qn = q + (size_t)m * qs + (size_t)n * hd;
+        float *s = score + (size_t)mn * cap, *on = o + (size_t)mn * hd, mx = -INFINITY, z = 0.f;
+        for (int t = 0; t < L; t++) {
+            s[t] = dot(qn, K + (size_t)(lo + t) * hd, hd) * scale;
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        for (int t = 0; t < L; t++) z += s[t] = expf(s[t] - mx);
+        const float iz = 1.f / z;
+        for (int i = 0; i < hd; i++) on[i] = 0.f;
+        for (int t = 0; t < L; t++) {
+            const float p = s[t] * iz, *v = V + (size_t)(lo + t) * hd;
+            for (int i = 0; i < hd; i++) on[i] += p * v[i];
+        }
+    }
+}
+
+/* ---- the step ------------------------------------------------------------------------------- */
+
+int lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kcache, float *const *vcache, int cap) {
+    const int hd = M->hd, dim = M->dim;
+    float *h = M->scratch, *big = h + (size_t)LEAN_MAX_T * dim, *att = big + (size_t)LEAN_MAX_T * M->big;
+    float *score = att + (size_t)LEAN_MAX_T * M->att;
+    for (int i = 0; i < M->n_layers; i++) {
+        const lean_layer_t *B = &M->layers[i];
+        const int qo = B->nq * hd, ko = B->nkv * hd, nqkv = B->qkv.total, f = B->ffn;
+        for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, B->ln1, dim, M->eps, h + (size_t)m * dim);
+        if (linear(&B->qkv, h, T, big)) return -1;
+        for (int m = 0; m < T; m++) {
+            float *q = big + (size_t)m * nqkv, *k = q + qo, *v = k + ko;
+            const float *cos = M->cos + (size_t)(pos + m) * hd, *sin = M->sin + (size_t)(pos + m) * hd;
+            if (B->q_norm) {
+                for (int n = 0; n < B->nq; n++) rmsnorm(q + n * hd, B->q_norm, hd, M->eps, q + n * hd);
+                for (int n = 0; n < B->nkv; n++) rmsnorm(k + n * hd, B->k_norm, hd, M->eps, k + n * hd);
+            }
+            rope(q, B->nq, hd, cos, sin);
+            rope(k, B->nkv, hd, cos, sin);
+            for (int n = 0; n < B->nkv; n++) {
+                memcpy(kcache[i] + ((size_t)n * cap + pos + m) * hd, k + n * hd, hd * sizeof(float));
+                memcpy(vcache[i] + ((size_t)n * cap + pos + m) * hd, v + n * hd, hd * sizeof(float));
+            }
+        }
+        attention(big, nqkv, kcache[i], vcache[i], T, B->nq, B->nkv, hd, cap, pos, B->window, score, att);
+        if (linear(&B->o, att, T, big)) return -1;
+        for (size_t j = 0; j < (size_t)T * dim; j++) x[j] += big[j];
+        for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, B->ln2, dim, M->eps, h + (size_t)m * dim);
+        if (linear(&B->gate_up, h, T, big)) return -1;
+        for (int m = 0; m < T; m++) {
+            float *g = big + (size_t)m * 2 * f, *u = g + f, *a = big + (size_t)m * f; /* a overwrites g in order */
+            for (int j = 0; j < f; j++) {
+                const float gj = g[j];
+                a[j] = gj / (1.f + expf(-gj)) * u[j];
+            }
+        }
+        if (linear(&B->down, big, T, att)) return -1;
+        for (size_t j = 0; j < (size_t)T * dim; j++) x[j] += att[j];
+    }
+    for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, M->norm, dim, M->eps, x + (size_t)m * dim);
+    return 0;
+}
