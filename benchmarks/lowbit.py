@@ -4,10 +4,11 @@ Compresses SmolLM2-135M with each recipe, evaluates it against the reference on 
 built-in evaluation split (perplexity, KL, top-1; DESIGN.md's protocol) and appends one
 JSON line per recipe to `--out` as soon as it is done (a long run loses nothing when
 interrupted). `--plot` draws every JSON-lines file given into one PNG: perplexity
-ratio against bits per weight, one line per method.
+ratio against bits per weight (2.0–4.5), one line per method, and prints the same rows as
+a markdown table.
 
     .venv/bin/python benchmarks/lowbit.py --out benchmarks/out/lowbit.jsonl 'vq:bits=2' 'kmeans:bits=3'
-    .venv/bin/python benchmarks/lowbit.py --plot benchmarks/lowbit.png benchmarks/out/lowbit*.jsonl
+    .venv/bin/python benchmarks/lowbit.py --plot benchmarks/lowbit.png benchmarks/out/cal.jsonl benchmarks/out/lowbit.jsonl
 
 `--layer-blocks 3 28` instead compares recipes on single layers: each one-stage recipe
 compresses the q, k, gate and down projections of those blocks (Hessians from the
@@ -98,30 +99,74 @@ def layer_losses(recipes: list[str], blocks: list[int], windows: int, out: Path)
             inputs.advance(model_blocks[b])
 
 
+def curve_rows(files: list[str], lo: float = 1.9, hi: float = 4.6) -> list[dict]:
+    """Rows of the JSON-lines result files with bits per weight in [lo, hi], each with its
+    perplexity ratio to the reference row that precedes it in its file (rows of
+    benchmarks/calibrated.py carry no ratio). Rows without bits per weight of the block
+    linears (llama.cpp files) are left out."""
+    rows = []
+    for f in files:
+        ref = None
+        for line in Path(f).read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r["recipe"] == "reference":
+                ref = r
+                continue
+            if "bpw" not in r or not lo <= r["bpw"] <= hi or ref is None or ref["tokens"] != r["tokens"]:
+                continue
+            rows.append(dict(r, ratio=r["ppl"] / ref["ppl"], file=Path(f).name, method=r["recipe"].split(":")[0].split()[0]))
+    return sorted(rows, key=lambda r: (r["method"], r["bpw"], r["ratio"]))
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table, best ratio first within each method."""
+    out = ["| method | recipe | bpw | ppl | ratio | KL | top-1 | tokens | compress s | file |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kl, top1 = (f"{r[k]:.3f}" if k in r else "—" for k in ("kl", "top1"))
+        out.append(f"| {r['method']} | `{r['recipe']}` | {r['bpw']:.3f} | {r['ppl']:.2f} | {r['ratio']:.3f} | "
+                   f"{kl} | {top1} | {r['tokens']} | {r.get('compress_s', '')} | {r['file']} |")
+    return "\n".join(out)
+
+
 def plot(png: Path, files: list[str]) -> None:
+    """One PNG: perplexity ratio against bits per weight for every method in `files`; each
+    method's points, joined along its Pareto front. Prints the same rows as a table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
-    by_method: dict[str, list] = {}
+    from slimlm.report.pareto import pareto_front
+
+    rows = curve_rows(files)
+    full = max(r["tokens"] for r in rows)
+    by_method: dict[tuple, list] = {}
     for r in rows:
-        if r["recipe"] != "reference":
-            by_method.setdefault(r["recipe"].split(":")[0], []).append((r["bpw"], r["ratio"], r["recipe"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, pts in sorted(by_method.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        by_method.setdefault((r["method"], r["tokens"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for (method, tokens), pts in sorted(by_method.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        xs, ys = [p["bpw"] for p in pts], [p["ratio"] for p in pts]
+        short = tokens != full  # evaluated on fewer tokens: hollow markers, dotted
+        line = ax.plot(xs, ys, "o", alpha=0.45, mfc="none" if short else None)[0]
+        front = pareto_front(xs, ys)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "o:" if short else "o-", color=line.get_color(),
+                mfc="none" if short else None, label=method + (f" ({tokens:,} tokens)" if short else ""))
     ax.set_yscale("log")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(2.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("bits per weight (block linears, all overheads)")
     ax.set_ylabel("perplexity ÷ reference (log)")
-    ax.set_title("SmolLM2-135M: quality versus bits")
-    ax.legend()
+    ax.set_title(f"SmolLM2-135M: quality versus bits ({full:,} evaluation tokens unless marked)")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 1e3))  # RTN 2-bit (×2·10⁵) and others beyond are in the table
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
+    print(table(rows))
 
 
 def main() -> None:

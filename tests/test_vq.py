@@ -136,7 +136,7 @@ def _run(names, options, weights):
 def test_layers_of_one_role_share_one_codebook_counted_once():
     ws = [torch.randn(8, 16, generator=_gen(i)) for i in range(4)]
     names = ["m.layers.0.q", "m.layers.0.k", "m.layers.1.q", "m.layers.1.k"]
-    opts = {"bits": "2", "dim": "4", "iters": "2", "share": "role"}
+    opts = {"bits": "2", "dim": "4", "iters": "2", "share": "role", "keep": "0"}
     packed = _run(names, opts, ws)
     q0, k0, q1, k1 = packed
     assert q0.owner and k0.owner and not q1.owner and not k1.owner
@@ -149,6 +149,10 @@ def test_layers_of_one_role_share_one_codebook_counted_once():
     # one codebook for all, or one per layer
     assert [p.owner for p in _run(names, {**opts, "share": "all"}, ws)] == [True, False, False, False]
     assert all(p.owner for p in _run(names, {**opts, "share": "none"}, ws))
+    # with columns kept apart the inner VectorQuants share the same way, and bits still add up
+    kq0, kk0, kq1, kk1 = _run(names, {**opts, "keep": "1"}, ws)
+    assert kq1.inner.codebook is kq0.inner.codebook and kq0.inner.owner and not kq1.inner.owner
+    assert kq1.nbits() == kq1.inner.nbits() + 16 + 16 * 8 and kq1.inner.nbits() == 8 * 4 * 8 + 16 * 8  # 8 rows × ceil(15 / 4) 8-bit indices + scales
 
 
 @pytest.mark.parametrize("out,inp", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
@@ -177,7 +181,7 @@ def test_tiny_model_end_to_end_with_shared_codebooks(tiny, tmp_path):
     from slimlm.formats.store import load_compressed, save_compressed
 
     ids = tiny.tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
-    compress_model(tiny, "vq:bits=2,share=role,iters=4", CalibrationConfig(n_windows=2, seq_len=32), progress=False)
+    compress_model(tiny, "vq:bits=2,share=role,iters=4,keep=1", CalibrationConfig(n_windows=2, seq_len=32), progress=False)
     with torch.no_grad():
         got = tiny.model(ids).logits
     assert torch.isfinite(got).all()
@@ -186,7 +190,8 @@ def test_tiny_model_end_to_end_with_shared_codebooks(tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(back.model(ids).logits, got)
     layers = back.manifest["layers"]
-    owners = [n for n, e in layers.items() if e["meta"]["owner"]]
+    assert all(e["format"] == "keptcols" and len(e["meta"]["inner"]) > 0 for e in layers.values())
+    owners = [n for n, e in layers.items() if e["meta"]["inner"]["owner"]]
     roles = {role_of(n) for n in layers}
     assert len(owners) == len(roles) == 7 and all(".0." in n for n in owners)
     # the bits counted are the bytes stored: each codebook once

@@ -12,18 +12,25 @@ unless `k` is given, so `bits` is the index cost per weight):
    (U: Cholesky factor of the inverse Hessian), and its error is pushed onto the columns
    not yet assigned. Vectors are visited in order of decreasing Hessian mass
    (`act_order`), which changes no stored bit;
-3. scales: each row's scale is refit by least squares in the Hessian metric.
+3. scales: each row's scale is refit by least squares in the Hessian metric;
+4. outliers (`keep=n`): the n input columns of largest E[x²] — the massive-activation
+   channels of MODEL-NOTES.md — are kept in fp16 and absorb the error of the coded
+   columns they can cancel (`slimlm.methods._keep`); stored as `KeptColumns` around the
+   `VectorQuant` of the other columns. Without it one coded column of block 28's
+   down_proj (E[x²] ≈ 79,000× the median) takes the whole model from ×2.2 to ×50 the
+   reference perplexity (benchmarks/lowbit.md).
 
-Codebooks are shared (`share=role`, the default) by all layers of the same role
+Codebooks can be shared (`share=role`) by all layers of the same role
 (`model.layers.*.mlp.up_proj`) in one compression run: the first such layer trains
 and stores the codebook and counts its bits; later layers store indices and scales
 only (see `slimlm.formats.vq`). `share=all` uses one codebook for every layer of the
-run, `share=none` one per layer. A 4096 × 6 fp16 codebook is 393,216 bits — 1.2 bpw on
-one 576 × 576 matrix, 0.04 bpw over that role's 30 layers in the embedded model.
+run, `share=none` (the default) one per layer. A 4096 × 6 fp16 codebook is 393,216
+bits — 1.2 bpw on one 576 × 576 matrix, 0.04 bpw over that role's 30 layers in the
+embedded model.
 
-    vq:bits=2                       2-bit indices, vectors of 6, k = 4096, one codebook per role
-    vq:bits=2,dim=4,share=none      k = 256 per layer
-    vq:bits=3,dim=4,codebook=int8
+    vq:bits=2                       2-bit indices, vectors of 4, k = 256 per layer, 2 columns kept
+    vq:bits=2,dim=6,share=role      k = 4096, one codebook per role
+    vq:bits=3,dim=2,codebook=int8
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.vq import MAX_INDEX_BITS, Codebook, VectorQuant, index_bits, remember
+from slimlm.methods._keep import with_kept_columns
 from slimlm.methods._kmeans import assign_weighted, feedback_quantize, inverse_hessian_factor, weighted_kmeans
 from slimlm.methods.registry import register
 
@@ -54,7 +62,7 @@ class CodebookDtype(str, Enum):
 
 @dataclass(frozen=True)
 class VQConfig:
-    SHOWN = ("bits", "dim")
+    SHOWN = ("bits", "dim", "keep")
     bits: int = 2  # index bits per weight: k = 2^(bits·dim)
     dim: int = 4  # vector length along the input dimension
     k: int = 0  # codebook size; 0 = 2^(bits·dim)
@@ -65,6 +73,7 @@ class VQConfig:
     damp: float = 0.01  # Hessian damping, fraction of the mean diagonal
     iters: int = 8  # Lloyd iterations
     max_points: int = 32768  # vectors sampled to train a codebook
+    keep: int = 2  # input columns of largest E[x²] kept in fp16 (see slimlm.methods._keep)
 
     def __post_init__(self):
         if not 1 <= self.dim <= 64:
@@ -76,6 +85,8 @@ class VQConfig:
             raise SlimlmError(f"codebook size k must be in 2..2^{MAX_INDEX_BITS}, got {self.size}")
         if not 0 <= self.damp < 10:
             raise SlimlmError(f"damp must be a small non-negative fraction such as 0.01, got {self.damp}")
+        if not 0 <= self.keep <= 256:
+            raise SlimlmError(f"keep (input columns kept in fp16) must be in 0..256, got {self.keep}")
         if not 0 <= self.iters <= 1000 or self.max_points < 1:
             raise SlimlmError(f"iters must be in 0..1000 and max_points ≥ 1, got {self.iters} and {self.max_points}")
 
@@ -210,9 +221,12 @@ def vector_quantize(w: torch.Tensor, h: torch.Tensor | None, config: VQConfig, s
 
 
 def _check(config: VQConfig, shape: tuple[int, int]) -> None:
-    if config.share is Share.NONE and config.size > shape[0] * -(-shape[1] // config.dim):
+    if config.keep >= shape[1]:
+        raise SlimlmError(f"cannot keep {config.keep} of the layer's {shape[1]} input columns apart; lower keep")
+    n_vec = shape[0] * -(-(shape[1] - config.keep) // config.dim)
+    if config.share is Share.NONE and config.size > n_vec:
         raise SlimlmError(f"a per-layer codebook of {config.size} entries exceeds the layer's "
-                          f"{shape[0] * -(-shape[1] // config.dim)} vectors; lower bits or dim, or share codebooks")
+                          f"{n_vec} vectors; lower bits or dim, or share codebooks")
 
 
 @register("vq", VQConfig, needs=("hessian",), check=_check)
@@ -220,9 +234,12 @@ def vq(weight, stats, config: VQConfig):
     """Vectors of `dim` weights -> indices into a (shared) Hessian-weighted k-means codebook, GPTQ feedback."""
     table, key = _shared_book(stats, config)
     entry = table.get(key) if table is not None else None
-    packed = vector_quantize(weight, stats.hessian, config, stats.seed, entry.codebook if entry else None)
+    book = entry.codebook if entry else None
+    packed = with_kept_columns(weight.float(), stats.hessian, config.keep,
+                               lambda w, h: vector_quantize(w, h, config, stats.seed, book))
     if table is not None:
         if entry is None:
-            entry = table[key] = _SharedBook(packed.codebook, weakref.ref(packed))
+            inner = getattr(packed, "inner", packed)  # the VectorQuant that owns the codebook
+            entry = table[key] = _SharedBook(inner.codebook, weakref.ref(inner))
         entry.seen.add(stats.name)
     return packed
