@@ -65,11 +65,23 @@ def structured(args) -> list[dict]:
             # (--head-bits: both run with the output head quantized by the runtime, as a deployment would)
             from slimlm.runtime.lean import RuntimeConfig
 
-            rt = RuntimeConfig(head_bits=args.head_bits) if args.head_bits else None
+            # (--recipe: both with their block linears compressed by it, timed from copies)
+            rt = RuntimeConfig(head_bits=args.head_bits, head_group=args.head_group) if args.head_bits else None
+            r_model, p_model = ref.model, pruned.model
+            if args.recipe:
+                import copy
+
+                from slimlm.compress import compress_model
+                from slimlm.models.loaded import LoadedModel
+
+                r_model, p_model = copy.deepcopy(ref.model), copy.deepcopy(pruned.model)
+                for m in (r_model, p_model):
+                    compress_model(LoadedModel(model=m, tokenizer=ref.tokenizer, source="bench", kind="hf"),
+                                   args.recipe, progress=False)
             r_tps, p_tps = [], []
             for _ in range(args.rounds):
-                r_tps.append(bench_model(ref.model, ref.tokenizer, runs=args.runs, runtime=rt)["decode_tps"])
-                p_tps.append(bench_model(pruned.model, pruned.tokenizer, runs=args.runs, runtime=rt)["decode_tps"])
+                r_tps.append(bench_model(r_model, ref.tokenizer, runs=args.runs, runtime=rt)["decode_tps"])
+                p_tps.append(bench_model(p_model, pruned.tokenizer, runs=args.runs, runtime=rt)["decode_tps"])
             s = Shape.of(pruned.config)
             row = dict(config=name, ffn=cfg.ffn, heads=cfg.heads, blocks=cfg.blocks, inter=s.inter, q_heads=s.q_heads,
                        n_blocks=s.n_blocks, linear_weights=info["block_linear_weights"][1],
@@ -78,7 +90,8 @@ def structured(args) -> list[dict]:
                        ppl_ratio=q["ppl"] / base["ppl"], kl=q["kl"], top1=q["top1"], tokens=q["tokens"],
                        ref_decode_tps=statistics.median(r_tps), decode_tps=statistics.median(p_tps),
                        speedup=statistics.median(p / r for p, r in zip(p_tps, r_tps)),
-                       threads=torch.get_num_threads(), prune_s=round(secs, 1), head_bits=args.head_bits or 32)
+                       threads=torch.get_num_threads(), prune_s=round(secs, 1), head_bits=args.head_bits or 32,
+                       head_group=args.head_group if args.head_bits else None, speed_recipe=args.recipe or "none")
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -157,6 +170,9 @@ def main(argv=None) -> int:
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--head-bits", type=int, default=0, help="decode with the output head quantized to these bits (0: FP32)")
+    s.add_argument("--head-group", type=int, default=64, help="group size of that head quantization")
+    s.add_argument("--recipe", help="time both models with their block linears compressed by this recipe (quality "
+                                    "figures stay those of the uncompressed pruned model)")
     s.set_defaults(fn=structured)
     w = sub.add_parser("spectrum")
     w.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03])

@@ -3,11 +3,15 @@
     .venv/bin/python benchmarks/runtime.py --threads 2 --prompt-tokens 128 --decode-tokens 64 --runs 3
 
 Models (compressed once into benchmarks/out/, RTN of the block linears): fp32, w8 g64,
-w4 g32, w2 g32, each with the output head kept fp32 and quantized to 8 bits in the
-runtime; llama.cpp Q8_0 and Q4_0 requantized from the embedded GGUF with
+w4 g32, w4 g64, w2 g32, w2 g64, each with the output head kept fp32 and quantized to 8 bits
+in the runtime (`--pytorch`: also with the blocks run in PyTorch instead of the fused C
+step); llama.cpp Q8_0 and Q4_0 requantized from the embedded GGUF with
 `llama_cpp.llama_model_quantize` (skipped when llama-cpp-python is not installed).
-Then self-speculative decoding: target w4 g32 (head 8-bit), draft RTN 2-bit of the
-target's own weights, k drafted tokens per round; greedy output compared with plain greedy.
+Then self-speculative decoding for each `--spec` pair: a target (head 8-bit) and a draft
+made by RTN of the target's own block linears, k drafted tokens per round; greedy output
+compared with plain greedy. Note: w4 g32 reproduces the embedded model's weights exactly
+(its GGUF is Q4_1, a 4-bit grid with blocks of 32), so a 4-bit g32 draft of the fp32 model
+would be unrealistically good; the default pairs use group 64 for 4-bit drafts.
 Prefill and decode figures are medians of `--runs` timed runs after one warm-up, runs of
 the different engines interleaved so that load from other processes hits them alike.
 """
@@ -33,7 +37,8 @@ from slimlm.runtime.lean import LeanModel, RuntimeConfig
 from slimlm.runtime.speculative import SpecStats, draft_model, speculative_ids
 
 OUT = Path(__file__).parent / "out" / "runtime"
-RECIPES = {"w8g64": "rtn:bits=8,group=64", "w4g32": "rtn:bits=4,group=32", "w2g32": "rtn:bits=2,group=32"}
+RECIPES = {"w8g64": "rtn:bits=8,group=64", "w4g32": "rtn:bits=4,group=32", "w4g64": "rtn:bits=4,group=64",
+           "w2g32": "rtn:bits=2,group=32", "w2g64": "rtn:bits=2,group=64"}
 
 
 def compressed(name: str):
@@ -100,6 +105,41 @@ def time_llama(llm, ids: list[int], n: int, batched: bool = True) -> tuple[float
     return (len(ids) / (t1 - t0) if batched else float("nan")), n / (t2 - t1)
 
 
+def speculative(base, pair: str, ids: list[int], a) -> dict:
+    """Self-speculative decoding of one target/draft pair against the target alone, interleaved."""
+    tname, draft_spec = pair.split(":")
+    target_lm = base if tname == "fp32" else compressed(tname)
+    rt = RuntimeConfig(head_bits=8)
+    target = LeanModel(target_lm.model, rt)
+    dbits, dgroup = (int(v) for v in draft_spec.split(","))
+    draft = LeanModel(draft_model(target_lm.model, bits=dbits, group=dgroup), rt)
+    cfg = GenerationConfig(max_new_tokens=a.spec_tokens)
+    times = {"plain": [], "spec": []}
+    for r in range(a.runs + 1):
+        target.reset()
+        t0 = time.perf_counter()
+        logits = target.prefill(ids)
+        plain = []
+        for i in range(a.spec_tokens):
+            plain.append(int(logits.argmax()))
+            if i + 1 < a.spec_tokens:
+                logits = target.step(plain[-1])
+        t1 = time.perf_counter()
+        stats = SpecStats()
+        out = list(speculative_ids(target, draft, ids, cfg, k=a.k, stats=stats))
+        t2 = time.perf_counter()
+        if r:
+            times["plain"].append(t1 - t0)
+            times["spec"].append(t2 - t1)
+    row = dict(target=tname, draft=f"rtn {dbits}-bit g{dgroup}", k=a.k, tokens=a.spec_tokens, identical=out == plain,
+               acceptance=stats.acceptance, mean_accepted_per_round=statistics.mean(stats.per_round),
+               target_mb_per_token=target.bytes_per_token() / 1e6, draft_mb_per_token=draft.bytes_per_token() / 1e6,
+               plain_s=statistics.median(times["plain"]), spec_s=statistics.median(times["spec"]),
+               speedup=statistics.median(times["plain"]) / statistics.median(times["spec"]), fused=target.fused and draft.fused)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -111,8 +151,10 @@ def main():
     ap.add_argument("--skip", nargs="*", default=[], help="engine names to leave out")
     ap.add_argument("--out", help="also write the JSON result here")
     ap.add_argument("--spec-only", action="store_true", help="only the speculative-decoding measurement")
-    ap.add_argument("--target", default="w4g32", choices=["fp32", *RECIPES], help="speculative target model")
-    ap.add_argument("--draft", default="2,32", help="draft: RTN bits,group of the target's own block linears")
+    ap.add_argument("--spec", nargs="*", default=["fp32:4,64", "w8g64:4,64", "w4g32:2,32"],
+                    help="speculative pairs TARGET:BITS,GROUP — target model (fp32 or a recipe name), draft = RTN "
+                         "bits,group of the target's own block linears; both with the 8-bit head")
+    ap.add_argument("--pytorch", action="store_true", help="also time each model with the blocks in PyTorch (fused=False)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -128,6 +170,8 @@ def main():
         engines[f"{name} head8"] = LeanModel(lm.model, RuntimeConfig(head_bits=8))
         if name == "w2g32":
             engines[f"{name} head4"] = LeanModel(lm.model, RuntimeConfig(head_bits=4, head_group=32))
+        if a.pytorch:
+            engines[f"{name} head8 pytorch"] = LeanModel(lm.model, RuntimeConfig(head_bits=8, fused=False))
     engines = {k: v for k, v in engines.items() if k not in a.skip and not a.spec_only}
     peers = {k: v for k, v in llama_cpp_models(a.threads).items() if k not in a.skip} if not a.spec_only else {}
 
@@ -149,35 +193,8 @@ def main():
         rows.append(dict(engine=name, prefill_tps=statistics.median(p) if p[0] == p[0] else None, decode_tps=statistics.median(d),
                          weight_mb_per_token=nbytes / 1e6))
 
-    # self-speculative: the target with an 8-bit head, the draft RTN of the target's own weights
-    target_lm = base if a.target == "fp32" else compressed(a.target)
-    rt = RuntimeConfig(head_bits=8)
-    target = engines.get(f"{a.target} head8") or LeanModel(target_lm.model, rt)
-    dbits, dgroup = (int(v) for v in a.draft.split(","))
-    draft = LeanModel(draft_model(target_lm.model, bits=dbits, group=dgroup), rt)
-    cfg = GenerationConfig(max_new_tokens=a.spec_tokens)
-    spec = {"plain": [], "spec": []}
-    for r in range(a.runs + 1):
-        target.reset()
-        t0 = time.perf_counter()
-        logits = target.prefill(ids)
-        plain = []
-        for i in range(a.spec_tokens):
-            plain.append(int(logits.argmax()))
-            if i + 1 < a.spec_tokens:
-                logits = target.step(plain[-1])
-        t1 = time.perf_counter()
-        stats = SpecStats()
-        out = list(speculative_ids(target, draft, ids, cfg, k=a.k, stats=stats))
-        t2 = time.perf_counter()
-        if r:
-            spec["plain"].append(t1 - t0)
-            spec["spec"].append(t2 - t1)
     result = dict(threads=a.threads, prompt_tokens=len(ids), decode_tokens=a.decode_tokens, runs=a.runs, rows=rows,
-                  speculative=dict(target=a.target, draft=a.draft, k=a.k, tokens=a.spec_tokens, identical=out == plain, acceptance=stats.acceptance,
-                                   mean_accepted_per_round=statistics.mean(stats.per_round),
-                                   plain_s=statistics.median(spec["plain"]), spec_s=statistics.median(spec["spec"]),
-                                   speedup=statistics.median(spec["plain"]) / statistics.median(spec["spec"])),
+                  speculative=[speculative(base, pair, ids, a) for pair in a.spec],
                   peak_rss_mb=peak_rss_bytes() / 2**20, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(json.dumps(result, indent=2))
     if a.out:

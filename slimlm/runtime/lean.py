@@ -16,6 +16,14 @@ reference path otherwise.
     embedding     rows gathered through the model's input-embedding module: an
                   nn.Embedding, or the `CompressedEmbedding` of a tied, compressed head
 
+Runs of up to `fused_max_tokens` tokens (decoding, speculative verification) go through one
+C call for all blocks (slimlm/kernels/csrc/lean.c, the same operations in the same order)
+when every block linear is an int8-path IntQuant kernel or a dense float32 nn.Linear; that
+removes the per-operation Python and dispatch cost that otherwise dominates a decode step of
+a small model. Longer prompts, other formats and `RuntimeConfig(fused=False)` run the
+PyTorch blocks below. One LeanModel serves one sequence at a time (it owns the KV cache and
+the fused step's scratch buffers).
+
 The cache holds `tokens`: a new prompt that starts with them reuses their keys and
 values (multi-turn chat), and `truncate(n)` rolls back (speculative decoding).
 """
@@ -40,8 +48,9 @@ class RuntimeConfig:
 
     `head_bits` 0 keeps the head as loaded; 2–8 quantizes it (RTN, asymmetric, groups of
     `head_group`) for the runtime only — the tied input embedding stays as it is.
-    `fused` runs a one-token step as one C call over all blocks (csrc/lean.c) when every
-    block linear is an int8-path IntQuant kernel or dense float32; False keeps PyTorch.
+    `fused` runs short steps (decoding, verification) as one C call over all blocks
+    (csrc/lean.c) when every block linear is an int8-path IntQuant kernel or dense float32;
+    False keeps the PyTorch blocks.
     """
 
     kernel: Kernel = Kernel.AUTO

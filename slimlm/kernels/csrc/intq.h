@@ -63,6 +63,19 @@ static inline void intq_thread_rows(int n, int *a, int *b) {
 }
 
 void intq_i8_geometry(intq_t *W);
+
+/* The per-matrix tables and activation buffers of an int8-path product for up to max_m rows,
+ * built once (intq_i8_prepare) and reused by every call of a fused step. */
+typedef struct {
+    int max_m;
+    intq_tile_t *T;
+    int32_t *map;
+    int8_t *xi, *xq;
+    float *dsig, *lanes;
+} intq_i8_prep_t;
+intq_i8_prep_t *intq_i8_prepare(const intq_t *W, int max_m); /* NULL when out of memory */
+void intq_i8_release(intq_i8_prep_t *P);
+void intq_matmul_i8_prepared(const intq_t *W, const intq_i8_prep_t *P, const float *x, int M, float *y);
 int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y); /* int8 activations, see intq_i8.c */
 int intq_dequant_i8(const intq_t *W, float *w);
 int intq_has_vnni(void);

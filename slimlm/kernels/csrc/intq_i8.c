@@ -250,46 +250,68 @@ CLONES static void dequant_i8(const intq_t *W, const int32_t *map, float *st, in
     }
 }
 
-int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y) {
+void intq_i8_release(intq_i8_prep_t *P) {
+    if (!P) return;
+    free(P->T);
+    free(P->map);
+    free(P->xi);
+    free(P->xq);
+    free(P->dsig);
+    free(P->lanes);
+    free(P);
+}
+
+intq_i8_prep_t *intq_i8_prepare(const intq_t *W, int max_m) {
+    const int nt = ntiles(W), rc = W->row_codes;
+    intq_i8_prep_t *P = calloc(1, sizeof *P);
+    if (!P) return NULL;
+    P->max_m = max_m;
+    P->T = malloc(nt * sizeof *P->T);
+    P->map = malloc(rc / 4 * sizeof *P->map);
+    P->xi = aligned_alloc(64, ((size_t)W->nsub * W->B + 64) / 64 * 64);
+    P->xq = aligned_alloc(64, ((size_t)max_m * rc + 63) / 64 * 64);
+    P->dsig = malloc(2 * W->nsub * sizeof(float));
+    P->lanes = malloc((size_t)2 * max_m * nt * 16 * sizeof(float));
+    if (!(P->T && P->map && P->xi && P->xq && P->dsig && P->lanes)) {
+        intq_i8_release(P);
+        return NULL;
+    }
+    build_tiles(W, P->T);
+    dword_map(W, P->T, P->map);
+    memset(P->xi + (size_t)W->nsub * W->B, 0, 4); /* the zero dword of pad lanes */
+    return P;
+}
+
+void intq_matmul_i8_prepared(const intq_t *W, const intq_i8_prep_t *P, const float *x, int M, float *y) {
     const int nt = ntiles(W), rc = W->row_codes, vnni = intq_has_vnni();
-    intq_tile_t *T = malloc(nt * sizeof *T);
-    int32_t *map = malloc(rc / 4 * sizeof *map);
-    int8_t *xi = aligned_alloc(64, ((size_t)W->nsub * W->B + 64) / 64 * 64);
-    int8_t *xq = aligned_alloc(64, ((size_t)M * rc + 63) / 64 * 64);
-    float *dsig = malloc(2 * W->nsub * sizeof(float)), *lanes = malloc((size_t)2 * M * nt * 16 * sizeof(float));
-    const int ok = T && map && xi && xq && dsig && lanes;
-    if (ok) {
-        build_tiles(W, T);
-        dword_map(W, T, map);
-        memset(xi + (size_t)W->nsub * W->B, 0, 4); /* the zero dword of pad lanes */
-        for (int m = 0; m < M; m++) {
-            if (vnni)
-                intq_quantize_blocks_avx512(W, x + (size_t)m * W->in, xi, dsig, dsig + W->nsub);
-            else
-                quantize_blocks(W, x + (size_t)m * W->in, xi, dsig, dsig + W->nsub);
-            layout_x(W, T, map, xi, dsig, dsig + W->nsub, vnni, xq + (size_t)m * rc, lanes + (size_t)m * nt * 16,
-                     lanes + (size_t)(M + m) * nt * 16);
-        }
-        const intq_x8_t X = {nt, T, xq, lanes, lanes + (size_t)M * nt * 16};
+    for (int m = 0; m < M; m++) {
+        if (vnni)
+            intq_quantize_blocks_avx512(W, x + (size_t)m * W->in, P->xi, P->dsig, P->dsig + W->nsub);
+        else
+            quantize_blocks(W, x + (size_t)m * W->in, P->xi, P->dsig, P->dsig + W->nsub);
+        layout_x(W, P->T, P->map, P->xi, P->dsig, P->dsig + W->nsub, vnni, P->xq + (size_t)m * rc,
+                 P->lanes + (size_t)m * nt * 16, P->lanes + (size_t)(M + m) * nt * 16);
+    }
+    const intq_x8_t X = {nt, P->T, P->xq, P->lanes, P->lanes + (size_t)M * nt * 16};
 #pragma omp parallel
-        {
-            int a, b;
-            intq_thread_rows(W->out, &a, &b);
-            if (a < b) {
-                if (vnni)
-                    intq_rows_i8_avx512(W, &X, a, b, M, y);
-                else
-                    rows_i8(W, &X, a, b, M, y);
-            }
+    {
+        int a, b;
+        intq_thread_rows(W->out, &a, &b);
+        if (a < b) {
+            if (vnni)
+                intq_rows_i8_avx512(W, &X, a, b, M, y);
+            else
+                rows_i8(W, &X, a, b, M, y);
         }
     }
-    free(T);
-    free(map);
-    free(xi);
-    free(xq);
-    free(dsig);
-    free(lanes);
-    return ok ? 0 : -1;
+}
+
+int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y) {
+    intq_i8_prep_t *P = intq_i8_prepare(W, M);
+    if (!P) return -1;
+    intq_matmul_i8_prepared(W, P, x, M, y);
+    intq_i8_release(P);
+    return 0;
 }
 
 int intq_dequant_i8(const intq_t *W, float *w) {

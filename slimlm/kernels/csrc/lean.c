@@ -66,7 +66,7 @@ CLONES static void dense_rows(const float *w, int in, const float *x, int M, int
 /* y (M, Σ out) = the stacked linears of L applied to x (M, in). */
 static int linear(const lean_linear_t *L, const float *x, int M, float *y) {
     if (L->kind == LEAN_INTQ) {
-        if (intq_matmul_i8(&L->W, x, M, y)) return -1;
+        intq_matmul_i8_prepared(&L->W, L->prep, x, M, y);
     } else {
 #pragma omp parallel
         {

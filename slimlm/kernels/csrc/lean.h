@@ -10,6 +10,7 @@ enum { LEAN_INTQ = 0, LEAN_DENSE = 1 };
 typedef struct {
     int kind;                          /* LEAN_INTQ: W (int8-path layout, parts stacked); LEAN_DENSE: w[] */
     intq_t W;
+    intq_i8_prep_t *prep;              /* LEAN_INTQ: tables and buffers for up to LEAN_MAX_T rows */
     int nparts, in, total;             /* dense: parts stacked along the output rows, total = Σ out */
     const float *w[LEAN_MAX_PARTS];    /* dense (out[p], in) float32 */
     int out[LEAN_MAX_PARTS];

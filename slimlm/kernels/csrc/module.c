@@ -96,6 +96,10 @@ static int parse_linear(PyObject *t, lean_linear_t *L) {
         if (PyErr_Occurred()) return -1;
         L->bias = (const float *)(uintptr_t)bias;
         L->in = L->W.in, L->total = L->W.out, L->nparts = 1;
+        if (!(L->prep = intq_i8_prepare(&L->W, LEAN_MAX_T))) {
+            PyErr_NoMemory();
+            return -1;
+        }
         return 0;
     }
     if (kind == LEAN_DENSE) {
@@ -122,10 +126,21 @@ bad:
     return -1;
 }
 
+static void free_layers(lean_model_t *M) {
+    for (int i = 0; M->layers && i < M->n_layers; i++) {
+        lean_layer_t *B = &M->layers[i];
+        intq_i8_release(B->qkv.prep);
+        intq_i8_release(B->o.prep);
+        intq_i8_release(B->gate_up.prep);
+        intq_i8_release(B->down.prep);
+    }
+    free(M->layers);
+}
+
 static void lean_free(PyObject *cap) {
     lean_model_t *M = PyCapsule_GetPointer(cap, "slimlm.lean");
     if (!M) return;
-    free(M->layers);
+    free_layers(M);
     free(M->scratch);
     free(M);
 }
@@ -184,7 +199,7 @@ static PyObject *py_lean_new(PyObject *self, PyObject *args) {
     PyObject *cap = PyCapsule_New(M, "slimlm.lean", lean_free);
     if (cap) return cap;
 fail:
-    free(M->layers);
+    free_layers(M);
     free(M->scratch);
     free(M);
     return NULL;
