@@ -185,3 +185,22 @@ def test_speculative_sampling_keeps_the_target_distribution():
         counts[next(speculative_ids(target_lean, draft_lean, _ids(6), cfg, k=2))] += 1
     tv = 0.5 * (counts / n - p).abs().sum()
     assert tv < 0.1, (tv, 0.5 * (p - q).abs().sum())  # expected ~0.03 for 400 samples over 4 tokens
+
+
+def test_fused_step_checks_its_arguments():
+    """The C entry points refuse plans with inconsistent shapes and steps that overrun the cache."""
+    from slimlm.kernels import extension
+
+    lean = LeanModel(tiny_model("llama").model, RuntimeConfig())
+    assert lean.fused
+    ext = extension()
+    b = lean.blocks[0]
+    ln = b.ln1.data_ptr()
+    bad = (ln, ln, 0, 0, 4, 2, b.ffn, 0, b.o.plan(), b.o.plan(), b.gate_up.plan(), b.down.plan())  # o where qkv goes
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        ext.lean_new(lean.dim, lean.hd, 1e-5, 64, lean.cos.data_ptr(), lean.sin.data_ptr(), lean.norm.data_ptr(), [bad])
+    lean.extend(_ids(3))
+    kp, vp = lean._cache_ptrs
+    x = torch.zeros(17, lean.dim)
+    with pytest.raises(ValueError, match="do not fit"):
+        ext.lean_step(lean._plan, x.data_ptr(), 17, 3, kp.data_ptr(), vp.data_ptr(), lean.k_cache[0].shape[1])

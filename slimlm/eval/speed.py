@@ -53,6 +53,6 @@ def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int =
         "runs": runs,
         "threads": torch.get_num_threads(),
         "peak_rss_bytes": peak_rss_bytes(),
-        "runtime": "lean" if supports(model) else "transformers",
+        "runtime": ("lean-fused" if lean_model(model, runtime).fused else "lean") if supports(model) else "transformers",
         "weight_bytes_per_token": lean_model(model, runtime).bytes_per_token() if supports(model) else None,
     }
