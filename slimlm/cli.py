@@ -137,9 +137,31 @@ def cmd_generate(a) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    generate(lm, a.prompt, cfg, chat=not a.no_chat, on_text=lambda s: print(s, end="", flush=True),
-             runtime=runtime_config(a))
+    on_text = lambda s: print(s, end="", flush=True)  # noqa: E731
+    if not (a.draft or a.draft_bits):
+        generate(lm, a.prompt, cfg, chat=not a.no_chat, on_text=on_text, runtime=runtime_config(a))
+        print()
+        return 0
+    from slimlm.runtime import LeanModel, SpecStats, draft_model, speculative_ids
+    from slimlm.runtime.generate import chat_prompt, eos_ids, stream_text
+    from slimlm.runtime.lean import supports
+
+    if a.draft and a.draft_bits:
+        raise slimlm.SlimlmError("give either --draft (a model) or --draft-bits (RTN of this model's weights), not both")
+    draft = slimlm.load(a.draft).model if a.draft else draft_model(lm.model, a.draft_bits, a.draft_group)
+    if not (supports(lm.model) and supports(draft)):
+        raise slimlm.SlimlmError("speculative decoding needs the lean runtime for both models (float32 Llama-family models)")
+    if draft.config.vocab_size != lm.model.config.vocab_size:
+        raise slimlm.SlimlmError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the model's "
+                          f"({lm.model.config.vocab_size}); the draft must share the tokenizer")
+    rt = runtime_config(a)
+    stats = SpecStats()
+    ids = speculative_ids(LeanModel(lm.model, rt), LeanModel(draft, rt), chat_prompt(lm.tokenizer, a.prompt, not a.no_chat),
+                          cfg, k=a.draft_k, eos_ids=eos_ids(lm), stats=stats)
+    stream_text(lm.tokenizer, ids, cfg.stop, on_text)
     print()
+    print(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted ({stats.acceptance:.0%}), "
+          f"{stats.emitted} tokens in {stats.rounds} rounds", file=sys.stderr)
     return 0
 
 
@@ -235,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--draft", help="speculative decoding with this model as the draft (e.g. a more compressed copy); "
+                                   "the output is distributed exactly as without it (greedy: identical)")
+    g.add_argument("--draft-bits", type=int, default=0,
+                   help="speculative decoding with a draft made here by RTN of this model's own block linears")
+    g.add_argument("--draft-group", type=int, default=64, help="group size of that RTN draft")
+    g.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round")
     add_runtime_flags(g)
     g.set_defaults(fn=cmd_generate)
 

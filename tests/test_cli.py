@@ -36,6 +36,14 @@ def test_compress_eval_info_bench_generate(tiny_dir, tmp_path):
 
     code, stdout, err = run_cli("generate", out, "def f(x):", "--max-new-tokens", "5", "--no-chat")
     assert code == 0, err
+    # speculative, with the model as its own draft and with an RTN draft: greedy text unchanged
+    code, same, err = run_cli("generate", out, "def f(x):", "--max-new-tokens", "5", "--no-chat", "--draft", out)
+    assert code == 0 and same == stdout, err
+    assert "accepted (100%)" in err, err
+    code, spec, err = run_cli("generate", out, "def f(x):", "--max-new-tokens", "5", "--no-chat", "--draft-bits", "3")
+    assert code == 0 and spec == stdout and "speculative:" in err, err
+    code, _, err = run_cli("generate", out, "x", "--draft", out, "--draft-bits", "3")
+    assert code != 0 and "not both" in err
 
     code, stdout, _ = run_cli("info", out)
     assert "model.layers.1.mlp.down_proj" in stdout
