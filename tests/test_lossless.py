@@ -72,14 +72,47 @@ def test_kernel_and_reference_coders_agree():
     assert np.array_equal(c.stream, ref.stream) and np.array_equal(c.chunk_bits, ref.chunk_bits)
     for threads in (1, 2):
         assert np.array_equal(_entropy.decode(c, True, threads), _entropy.decode(c, False))
-    # the fused store: symbol placed into a word, OR a table lookup of a raw byte
+    # the fused stores: the exponent placed between the sign and mantissa of a raw byte
     raw = rng.integers(0, 256, size=sym.size).astype(np.uint8)
-    lut = rng.integers(0, 1 << 16, size=256).astype(np.uint32)
-    for dtype, shift in ((np.uint16, 7), (np.uint32, 23)):
-        place = _entropy.Place(raw=raw, lut=lut, shift=shift, dtype=dtype)
-        fused = _entropy.decode(c, True, 2, place)
-        assert fused.dtype == dtype and np.array_equal(fused, _entropy.decode(c, False, place=place))
-        assert np.array_equal(fused, place.apply(sym))
+    for store in (_entropy.Store.BF16, _entropy.Store.BF16_AS_F32):
+        fused = _entropy.decode(c, True, 2, store, raw)
+        assert fused.dtype == _entropy.STORE_DTYPE[store]
+        assert np.array_equal(fused, _entropy.decode(c, False, store=store, raw=raw))
+        bf16 = fused if store is _entropy.Store.BF16 else (fused >> 16).astype(np.uint16)
+        assert np.array_equal(bf16 & 0x7F, raw & 0x7F) and np.array_equal(bf16 >> 15, raw >> 7)
+        assert np.array_equal((bf16 >> 7) & 0xFF, sym)
+        assert store is _entropy.Store.BF16 or not (fused & 0xFFFF).any()
+
+
+@pytest.mark.parametrize("counts", [[5], [3, 1], [int(1.618 ** k) + 1 for k in range(40)], [1] * 256, [50, 30, 10, 5, 3, 1, 1]])
+def test_multi_symbol_table_matches_single_lookups(counts):
+    lengths = _entropy.code_lengths(np.array(counts))
+    single = _entropy.decode_table(lengths).astype(np.int64)
+    multi = _entropy.multi_table(lengths)
+    for w in range(1 << _entropy.MAX_LEN):  # decode each window one code at a time and compare
+        used, syms = 0, []
+        while len(syms) < _entropy.MULTI:
+            e = single[(w << used) & ((1 << _entropy.MAX_LEN) - 1)]
+            if e >> 8 == 0 or used + (e >> 8) > _entropy.MAX_LEN:
+                break
+            syms.append(e & 0xFF)
+            used += e >> 8
+        m = int(multi[w])
+        assert (m >> 48) & 15 == len(syms) and (m >> 52) & 15 == used and (m >> 56) & 15 == single[w] >> 8
+        assert [(m >> (8 * j)) & 0xFF for j in range(len(syms))] == syms
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_decodes_in_place_and_across_chunk_sizes(threads):
+    if not _entropy.kernel_available():
+        pytest.skip("no C compiler: only the reference decoder exists here")
+    rng = np.random.default_rng(threads)
+    sym = np.minimum(rng.geometric(0.5, size=(1 << 16) + 77), 200).astype(np.uint8)  # ~2-bit codes, many per lookup
+    for chunk in (1, 5, 6, 7, 64, 256, _entropy.MAX_CHUNK):
+        dec = _entropy.Decoder(_entropy.encode(sym, chunk=chunk))
+        out = np.full(sym.size, 0xAB, dtype=np.uint8)
+        assert dec.decode(out=out, threads=threads) is out and np.array_equal(out, sym)
+        assert np.array_equal(dec.decode(threads=threads), sym)  # a second decode with the kept tables
 
 
 # ---- corrupted streams -------------------------------------------------------------------------
@@ -116,6 +149,17 @@ def test_damaged_stream_raises(damage, use_kernel):
         c = _entropy.Coded(c.n, c.chunk, c.lengths, stream, c.chunk_bits)
     with pytest.raises(SlimlmError, match="corrupt"):
         _entropy.decode(c, use_kernel=use_kernel)
+
+
+@pytest.mark.parametrize("use_kernel", DECODERS)
+def test_window_starting_no_code_raises(use_kernel):
+    # one symbol: its code is "0" and a 1 bit starts no code (Kraft sum 1/2); the chunk table
+    # still adds up, so only the decoder's lookups can tell
+    c = _entropy.encode(np.zeros(4096, np.uint8), chunk=64)
+    stream = c.stream.copy()
+    stream[100] = 0xFF
+    with pytest.raises(SlimlmError, match="corrupt"):
+        _entropy.decode(_entropy.Coded(c.n, c.chunk, c.lengths, stream, c.chunk_bits), use_kernel=use_kernel)
 
 
 @pytest.mark.parametrize("field", ["stream", "raw", "lengths", "chunk_bits"])
@@ -188,6 +232,22 @@ def test_float_size_on_gaussian_weights(dtype, bound):
     w = (torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
     p = LosslessFloat.encode(w)
     assert p.nbits() / w.numel() < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float_dequantize_as_and_bf16_forward(dtype):
+    w = _adversarial("random_bits", dtype, shape=(40, 300))
+    p = LosslessFloat.encode(w)
+    for as_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        got = p.dequantize_as(as_dtype)
+        # the format's own dtype: its exact bits, NaN payloads too (a cast of the float32
+        # weights would make NaNs canonical); another dtype: the cast of the float32 weights
+        want = w if as_dtype == dtype else p.dequantize().to(as_dtype)
+        assert got.dtype == as_dtype and torch.equal(_bits(got), _bits(want))
+    lin = CompressedLinear(LosslessFloat.encode(_adversarial("normal", dtype, shape=(40, 300))))
+    x = torch.randn(3, 300).to(dtype)
+    ref = torch.nn.functional.linear(x, lin.packed.dequantize().to(dtype))
+    assert torch.equal(lin(x), ref)  # a forward in the format's dtype decodes straight to it
 
 
 def test_float_format_is_decoded_at_each_use():

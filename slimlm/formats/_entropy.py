@@ -10,11 +10,15 @@ Layout of one coded sequence of n symbols (each in 0..255):
                                (C = ceil(n / chunk), the last run possibly shorter)
 
 The chunk lengths give every chunk's start bit (a prefix sum), so chunks decode
-independently: the reference decoder advances all chunks one symbol per step (a
-vectorised table lookup over C lanes); the C kernel gives each thread whole chunks.
-Codes are at most `MAX_LEN` = 12 bits, so one lookup in a 4096-entry table decodes a
-symbol. Decoding checks that every chunk ends exactly where the next begins and the
-last one at the stream's end, so a damaged stream raises instead of returning symbols.
+independently. Codes are at most `MAX_LEN` = 12 bits, so one lookup in a 4096-entry table
+decodes a symbol: the reference decoder advances all chunks one symbol per step (a
+vectorised lookup over C lanes). The C kernel looks the next 12 bits up in a table of
+*every* code lying wholly inside them (`multi_table`; exponent codes average ~2.7 bits, so
+one lookup emits ~4 symbols), decodes 8 chunks interleaved per thread so their lookups
+overlap, fuses the output store (e.g. the exponent placed into a bfloat16 word, `Store`),
+and splits the chunks over OpenMP threads. Decoding checks that every chunk ends exactly
+where the next begins and the last one at the stream's end, and that no lookup met a
+window that starts no code, so a damaged stream raises instead of returning symbols.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,6 +176,54 @@ def encode(symbols: np.ndarray, chunk: int = 256, alphabet: int = 256, use_kerne
 # ---- decode ------------------------------------------------------------------------------------
 
 
+class Store(IntEnum):
+    """What the decoder writes for symbol i (the kernel fuses it into its store):
+    SYMBOLS: the symbol byte; BF16: the bfloat16 bit pattern (uint16) whose exponent is the
+    symbol and whose sign+mantissa come from raw[i] (sign in bit 7, mantissa in bits 0-6);
+    BF16_AS_F32: that bfloat16 widened to float32 bits (uint32, the same << 16)."""
+
+    SYMBOLS = 0
+    BF16 = 1
+    BF16_AS_F32 = 2
+
+    def apply(self, symbols: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
+        """The reference of the kernel's fused store."""
+        if self is Store.SYMBOLS:
+            return symbols
+        r = raw.astype(np.uint32)
+        bits = ((r & 0x80) << 8) | (symbols.astype(np.uint32) << 7) | (r & 0x7F)
+        return bits.astype(np.uint16) if self is Store.BF16 else bits << 16
+
+
+STORE_DTYPE = {Store.SYMBOLS: np.uint8, Store.BF16: np.uint16, Store.BF16_AS_F32: np.uint32}
+MULTI = 6  # most symbols one entry of the kernel's multi-symbol table emits
+
+
+def multi_table(lengths: np.ndarray) -> np.ndarray:
+    """(2^MAX_LEN,) uint64 table of the C kernel: the next MAX_LEN stream bits -> every code
+    that lies wholly inside them (at most MULTI), so one lookup emits several short codes:
+    bits 0-47 the symbols (first in the low byte), 48-51 how many (0: the window starts no
+    code), 52-55 the bits they take, 56-59 the first code's length alone."""
+    single = decode_table(lengths).astype(np.uint64)
+    w = np.arange(1 << MAX_LEN, dtype=np.uint64)
+    mask = np.uint64((1 << MAX_LEN) - 1)
+    used = np.zeros_like(w)
+    count = np.zeros_like(w)
+    syms = np.zeros_like(w)
+    alive = np.ones(w.size, dtype=bool)
+    for j in range(MULTI):
+        e = single[(w << used) & mask]  # the bits after the codes taken so far, zero padded
+        ln = e >> np.uint64(8)
+        # a code found in the zero-padded window is the real next code iff it ends inside the
+        # real bits (prefix-free)
+        alive &= (ln > 0) & (used + ln <= MAX_LEN)
+        syms |= np.where(alive, (e & np.uint64(0xFF)) << np.uint64(8 * j), np.uint64(0))
+        used += np.where(alive, ln, np.uint64(0))
+        count += alive
+    first = single >> np.uint64(8)
+    return syms | (count << np.uint64(48)) | (used << np.uint64(52)) | (first << np.uint64(56))
+
+
 def _chunk_starts(c: Coded) -> np.ndarray:
     """Start bit of every chunk, checked against the stream size."""
     want = -(-c.n // c.chunk) if c.chunk > 0 else -1
@@ -182,7 +235,7 @@ def _chunk_starts(c: Coded) -> np.ndarray:
     if (total + 7) // 8 != c.stream.size:
         raise SlimlmError(f"a coded stream holds {c.stream.size} bytes where its chunk table says {(total + 7) // 8}; "
                           "the coded weights are corrupt")
-    return np.concatenate([[0], ends])  # (C + 1,), the last entry is the stream's bit count
+    return np.concatenate([[0], ends]).astype(np.int64)  # (C + 1,), the last entry is the stream's bit count
 
 
 def _decode_numpy(c: Coded, table: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,72 +263,126 @@ def _decode_numpy(c: Coded, table: np.ndarray, bounds: np.ndarray) -> tuple[np.n
 _KERNEL_SRC = r"""
 #include <stdint.h>
 #include <string.h>
-#define L %(L)d
-#define LANES 8
+#define L %(L)d          /* longest code: one table index is the next L bits */
+#define MULTI %(MULTI)d  /* most symbols one table entry emits */
+#define MAX_CHUNK %(MAX_CHUNK)d
+#define LANES 8          /* chunks decoded interleaved by one thread */
 
-/* Next L bits at bit `pos` of the stream (read as big-endian 64 bits). */
-static inline uint32_t peek(const uint8_t *stream, uint64_t pos) {
+/* Next L bits at bit `pos` of the stream (read as big-endian 64 bits; 8 bytes must exist). */
+static inline uint32_t peek(const uint8_t *s, uint64_t pos) {
     uint64_t w;
-    memcpy(&w, stream + (pos >> 3), 8);
+    memcpy(&w, s + (pos >> 3), 8);
     return (uint32_t)((__builtin_bswap64(w) << (pos & 7)) >> (64 - L));
 }
 
-/* Store decoded symbol `sym` at index i: as a byte (mode 0), or placed into a 16-bit
-   (mode 1) or 32-bit (mode 2) word as (sym << shift) | lut[raw[i]]. */
-static inline __attribute__((always_inline)) void emit(int mode, void *out, int64_t i, uint32_t sym,
-                                                       const uint8_t *raw, const uint32_t *lut, int shift) {
-    if (mode == 0) ((uint8_t *)out)[i] = (uint8_t)sym;
-    else if (mode == 1) ((uint16_t *)out)[i] = (uint16_t)((sym << shift) | lut[raw[i]]);
-    else ((uint32_t *)out)[i] = (sym << shift) | lut[raw[i]];
+/* The same near the stream's end: bytes past it read as zero. */
+static inline uint32_t peek_safe(const uint8_t *s, int64_t nbytes, uint64_t pos) {
+    uint64_t w = 0;
+    int64_t b = (int64_t)(pos >> 3);
+    for (int i = 0; i < 8; i++) w = (w << 8) | (b + i < nbytes ? s[b + i] : 0);
+    return (uint32_t)((w << (pos & 7)) >> (64 - L));
 }
 
-/* Decode chunks [c0, c1) of a canonical Huffman stream (layout in _entropy.py); ends[c]
-   gets the bit where chunk c stopped, or -1 where it would read past the stream. Full
-   chunks go LANES at a time, interleaved, so their table lookups overlap in the CPU. */
-static inline __attribute__((always_inline)) void decode_chunks(
-        int mode, const uint8_t *stream, int64_t nbytes, const int64_t *starts, int64_t c0, int64_t c1,
-        int64_t n_chunks, int64_t chunk, int64_t n, const uint16_t *table, void *out, int64_t *ends,
-        const uint8_t *raw, const uint32_t *lut, int shift) {
-    uint64_t limit = (uint64_t)(nbytes - 8) * 8;  /* last bit position an 8-byte read may start at */
-    int64_t full_end = (c1 == n_chunks && n %% chunk) ? c1 - 1 : c1;
-    int64_t c = c0;
-    for (; c + LANES <= full_end; c += LANES) {
+/* Write `count` decoded symbols as output elements i0.. (the Store modes of _entropy.py). */
+static inline void store(int mode, void *restrict out, int64_t i0, const uint8_t *restrict sym, int64_t count,
+                         const uint8_t *restrict raw) {
+    if (mode == 0) {
+        memcpy((uint8_t *)out + i0, sym, (size_t)count);
+    } else if (mode == 1) {
+        uint16_t *restrict o = (uint16_t *)out + i0;
+        const uint8_t *restrict r = raw + i0;
+        for (int64_t k = 0; k < count; k++)
+            o[k] = (uint16_t)(((r[k] & 0x80u) << 8) | ((uint32_t)sym[k] << 7) | (r[k] & 0x7Fu));
+    } else {
+        uint32_t *restrict o = (uint32_t *)out + i0;
+        const uint8_t *restrict r = raw + i0;
+        for (int64_t k = 0; k < count; k++)
+            o[k] = (((r[k] & 0x80u) << 8) | ((uint32_t)sym[k] << 7) | (r[k] & 0x7Fu)) << 16;
+    }
+}
+
+/* Decode chunks [c0, c0 + lanes); returns the first chunk that does not end where bounds[]
+   says (or that met a window starting no code), or -1. */
+static int64_t decode_group(int mode, const uint8_t *s, int64_t nbytes, const int64_t *bounds, int64_t c0,
+                            int lanes, int64_t n_chunks, int64_t chunk, int64_t n, const uint64_t *tab,
+                            void *out, const uint8_t *raw) {
+    uint8_t buf[LANES * (MAX_CHUNK + 8)];  /* each lane's symbols, then stored in one pass */
+    const int64_t stride = chunk + 8;
+    int fast = lanes == LANES && (c0 + LANES < n_chunks || n %% chunk == 0);  /* all chunks full */
+    for (int j = 0; fast && j < LANES; j++)  /* a chunk reads at most chunk * L bits */
+        fast = (int64_t)(((uint64_t)bounds[c0 + j] + (uint64_t)chunk * L) >> 3) + 8 <= nbytes;
+    if (fast) {
         uint64_t pos[LANES];
-        int ok = 1;
-        for (int j = 0; j < LANES; j++) {
-            pos[j] = (uint64_t)starts[c + j];
-            ok &= pos[j] + (uint64_t)chunk * L <= limit;
-        }
-        if (!ok) break;  /* near the stream's end: the checked loop below */
-        for (int64_t k = 0; k < chunk; k++) {
+        int64_t k[LANES];
+        uint32_t alive = (1u << LANES) - 1, err = 0;
+        const int64_t stop = chunk - MULTI;  /* a lane takes whole entries while MULTI more fit */
+        for (int j = 0; j < LANES; j++) { pos[j] = (uint64_t)bounds[c0 + j]; k[j] = 0; }
+        for (;;) {  /* one lookup per lane per round: LANES independent dependency chains */
+            uint32_t any = 0;
             for (int j = 0; j < LANES; j++) {
-                uint16_t e = table[peek(stream, pos[j])];
-                emit(mode, out, (c + j) * chunk + k, e & 0xFF, raw, lut, shift);
-                pos[j] += e >> 8;
+                uint64_t e = tab[peek(s, pos[j])];
+                memcpy(buf + j * stride + k[j], &e, 8);  /* all MULTI symbol bytes (and 2 more) */
+                uint32_t cnt = (uint32_t)(e >> 48) & 15, nb = (uint32_t)(e >> 52) & 15;
+                uint32_t act = ((alive >> j) & 1) & (uint32_t)(k[j] <= stop);
+                uint32_t bad = act & (uint32_t)(cnt == 0);
+                err |= bad << j;
+                alive &= ~(bad << j);
+                k[j] += act ? cnt : 0;
+                pos[j] += act ? nb : 0;
+                any |= act;
             }
+            if (!any) break;
         }
-        for (int j = 0; j < LANES; j++) ends[c + j] = (int64_t)pos[j];
-    }
-    for (; c < c1; c++) {
-        uint64_t pos = (uint64_t)starts[c];
-        int64_t count = (c == n_chunks - 1) ? n - c * chunk : chunk;
-        int64_t k = 0;
-        for (; k < count && pos <= limit; k++) {
-            uint16_t e = table[peek(stream, pos)];
-            emit(mode, out, c * chunk + k, e & 0xFF, raw, lut, shift);
-            pos += e >> 8;
+        int64_t first_bad = -1;
+        for (int j = 0; j < LANES; j++) {  /* the last few symbols one at a time */
+            uint8_t *b = buf + j * stride;
+            uint64_t p = pos[j];
+            for (int64_t kk = k[j]; kk < chunk; kk++) {
+                uint64_t e = tab[peek(s, p)];
+                uint32_t len = (uint32_t)(e >> 56) & 15;
+                err |= (uint32_t)(len == 0) << j;
+                b[kk] = (uint8_t)e;
+                p += len;
+            }
+            if (first_bad < 0 && (((err >> j) & 1) || (int64_t)p != bounds[c0 + j + 1])) first_bad = c0 + j;
+            store(mode, out, (c0 + j) * chunk, b, chunk, raw);
         }
-        ends[c] = (k == count) ? (int64_t)pos : -1;
+        return first_bad;
     }
+    int64_t first_bad = -1;
+    for (int j = 0; j < lanes; j++) {  /* checked path: the stream's end, a short last chunk */
+        int64_t c = c0 + j, count = (c == n_chunks - 1) ? n - c * chunk : chunk;
+        uint8_t *b = buf;
+        uint64_t p = (uint64_t)bounds[c];
+        int ok = 1;
+        for (int64_t kk = 0; kk < count; kk++) {
+            uint64_t e = tab[peek_safe(s, nbytes, p)];
+            uint32_t len = (uint32_t)(e >> 56) & 15;
+            ok &= len != 0 && p + len <= (uint64_t)nbytes * 8;
+            b[kk] = (uint8_t)e;
+            p += len;
+        }
+        if (first_bad < 0 && (!ok || (int64_t)p != bounds[c + 1])) first_bad = c;
+        store(mode, out, c * chunk, b, count, raw);
+    }
+    return first_bad;
 }
 
-void slimlm_huffman_decode(int mode, const uint8_t *stream, int64_t nbytes, const int64_t *starts, int64_t c0,
-                           int64_t c1, int64_t n_chunks, int64_t chunk, int64_t n, const uint16_t *table,
-                           void *out, int64_t *ends, const uint8_t *raw, const uint32_t *lut, int shift) {
-    /* one specialised copy of the loop per output mode */
-    if (mode == 0) decode_chunks(0, stream, nbytes, starts, c0, c1, n_chunks, chunk, n, table, out, ends, raw, lut, shift);
-    else if (mode == 1) decode_chunks(1, stream, nbytes, starts, c0, c1, n_chunks, chunk, n, table, out, ends, raw, lut, shift);
-    else decode_chunks(2, stream, nbytes, starts, c0, c1, n_chunks, chunk, n, table, out, ends, raw, lut, shift);
+/* Decode n symbols in chunks of `chunk` (bounds[0..n_chunks]: every chunk's start bit and the
+   stream's end) with the multi-symbol table `tab`, on `threads` OpenMP threads. Returns -1,
+   or the first chunk that does not end where bounds[] says (a damaged stream). */
+int64_t slimlm_huffman_decode(int mode, const uint8_t *s, int64_t nbytes, const int64_t *bounds, int64_t n_chunks,
+                              int64_t chunk, int64_t n, const uint64_t *tab, void *out, const uint8_t *raw,
+                              int threads) {
+    int64_t groups = (n_chunks + LANES - 1) / LANES, first = INT64_MAX;
+    (void)threads;
+    #pragma omp parallel for schedule(static) num_threads(threads) reduction(min: first) if (threads > 1)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t c0 = g * LANES, lanes = n_chunks - c0 < LANES ? n_chunks - c0 : LANES;
+        int64_t bad = decode_group(mode, s, nbytes, bounds, c0, (int)lanes, n_chunks, chunk, n, tab, out, raw);
+        if (bad >= 0 && bad < first) first = bad;
+    }
+    return first == INT64_MAX ? -1 : first;
 }
 
 /* Write the codes of n symbols MSB first into out (zeroed, room for every byte plus 8). */
@@ -294,16 +401,18 @@ void slimlm_huffman_encode(const uint8_t *sym, int64_t n, const uint32_t *codes,
     if (bits) *out = (uint8_t)(acc << (8 - bits));
 }
 """
-PARALLEL_MIN = 1 << 18  # symbols below which one thread decodes (starting threads costs more)
+PARALLEL_MIN = 1 << 16  # symbols below which one thread decodes (waking threads costs more)
 
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    """The C coder (decode, encode), compiled once per machine into the user cache; None where no C
-    compiler is found (the numpy reference decoder is used then)."""
+    """The C coder (decode, encode), compiled once per machine into the user cache (with OpenMP
+    where the compiler has it); None where no C compiler is found (the numpy reference then)."""
     if os.environ.get("SLIMLM_ENTROPY_KERNEL", "1") == "0":
         return None
-    src = _KERNEL_SRC % {"L": MAX_LEN}
+    import torch  # noqa: F401  (loads torch's libgomp first, so the kernel shares torch's OpenMP threads)
+
+    src = _KERNEL_SRC % {"L": MAX_LEN, "MULTI": MULTI, "MAX_CHUNK": MAX_CHUNK}
     tag = hashlib.sha256(src.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimlm"
     lib = cache / f"entropy-{tag}.so"
@@ -314,96 +423,82 @@ def _kernel():
                 c_file, so = Path(tmp) / "entropy.c", Path(tmp) / "entropy.so"
                 c_file.write_text(src)
                 cc = os.environ.get("CC", "cc")
-                subprocess.run([cc, "-O3", "-shared", "-fPIC", str(c_file), "-o", str(so)],
-                               check=True, capture_output=True, timeout=120)
+                base = [cc, "-O3", "-std=gnu11", "-shared", "-fPIC", str(c_file), "-o", str(so)]
+                try:
+                    subprocess.run(base + ["-fopenmp"], check=True, capture_output=True, timeout=120)
+                except subprocess.CalledProcessError:  # no OpenMP: one thread
+                    subprocess.run(base, check=True, capture_output=True, timeout=120)
                 os.replace(so, lib)
         so = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    so.slimlm_huffman_decode.argtypes = [ctypes.c_int, p, i64, p, i64, i64, i64, i64, i64, p, p, p, p, p, ctypes.c_int]
+    so.slimlm_huffman_decode.argtypes = [ctypes.c_int, p, i64, p, i64, i64, i64, p, p, p, ctypes.c_int]
+    so.slimlm_huffman_decode.restype = i64
     so.slimlm_huffman_encode.argtypes = [p, i64, p, p, p]
-    so.slimlm_huffman_decode.restype = so.slimlm_huffman_encode.restype = None
+    so.slimlm_huffman_encode.restype = None
     return SimpleNamespace(decode=so.slimlm_huffman_decode, encode=so.slimlm_huffman_encode)
-
-
-@functools.lru_cache(maxsize=1)
-def _pool():
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="slimlm-entropy")
 
 
 def kernel_available() -> bool:
     return _kernel() is not None
 
 
-@dataclass(frozen=True)
-class Place:
-    """Decode into words instead of bytes: out[i] = (symbol[i] << shift) | lut[raw[i]], e.g. an
-    exponent put between the sign and mantissa bits that `lut` spreads from one raw byte."""
-
-    raw: np.ndarray  # uint8 (n,)
-    lut: np.ndarray  # uint32 (256,)
-    shift: int
-    dtype: type  # np.uint16 or np.uint32
-
-    def apply(self, symbols: np.ndarray) -> np.ndarray:  # the reference of the kernel's fused store
-        out = symbols.astype(self.dtype)
-        out <<= self.shift
-        out |= self.lut.astype(self.dtype)[self.raw]
-        return out
+def _corrupt_chunk(bad: int) -> SlimlmError:
+    return SlimlmError(f"coded chunk {bad} does not end where the chunk table says; the coded weights are corrupt")
 
 
-def _decode_kernel(fn, c: Coded, table: np.ndarray, bounds: np.ndarray, threads: int,
-                   place: Place | None) -> tuple[np.ndarray, np.ndarray]:
-    stream = np.concatenate([c.stream, np.zeros(8, np.uint8)])  # every 8-byte read stays inside
-    starts = np.ascontiguousarray(bounds[:-1], dtype=np.int64)
-    ends = np.empty(starts.size, dtype=np.int64)
-    n_chunks = starts.size
-    if place is None:
-        mode, out, raw, lut = 0, np.empty(c.n, dtype=np.uint8), None, None
-    else:
-        mode = 1 if place.dtype == np.uint16 else 2
-        out = np.empty(c.n, dtype=place.dtype)
-        raw = np.ascontiguousarray(place.raw, dtype=np.uint8)
-        lut = np.ascontiguousarray(place.lut, dtype=np.uint32)
-        if raw.size != c.n:
-            raise ValueError(f"{raw.size} raw bytes for {c.n} symbols")
+class Decoder:
+    """A checked coded sequence, ready to decode many times (block-level decompression decodes
+    the same weights at every forward): the tables and chunk starts are built once, and a
+    decode is one call into the C kernel, writing into a buffer the caller may supply."""
 
-    def run(c0, c1):  # ctypes releases the GIL, so threads decode their chunks in parallel
-        fn(mode, stream.ctypes.data, stream.size, starts.ctypes.data, c0, c1, n_chunks, c.chunk, c.n,
-           table.ctypes.data, out.ctypes.data, ends.ctypes.data, None if raw is None else raw.ctypes.data,
-           None if lut is None else lut.ctypes.data, 0 if place is None else place.shift)
+    def __init__(self, c: Coded):
+        self.n, self.chunk = c.n, c.chunk
+        self.bounds = _chunk_starts(c) if c.n else np.zeros(1, np.int64)  # (C + 1,) int64
+        self.table = decode_table(c.lengths) if c.n else None  # (2^MAX_LEN,) uint16, validates the table
+        self._coded = c
+        self._multi = None
 
-    threads = min(threads, n_chunks) if c.n >= PARALLEL_MIN else 1
-    cuts = np.linspace(0, n_chunks, threads + 1).astype(np.int64)
-    if threads == 1:
-        run(0, n_chunks)
-    else:
-        list(_pool().map(run, cuts[:-1], cuts[1:]))
-    return out, ends
-
-
-def decode(c: Coded, use_kernel: bool = True, threads: int | None = None, place: Place | None = None) -> np.ndarray:
-    """The n symbols (uint8) of `c`, or with `place` the words it describes (fused into the
-    kernel's store); raises SlimlmError when the stream is inconsistent. `threads`
-    (default: torch's intra-op thread count) split the chunks of the C kernel."""
-    if c.n == 0:
-        return np.zeros(0, dtype=np.uint8 if place is None else place.dtype)
-    table = decode_table(c.lengths)
-    bounds = _chunk_starts(c)
-    k = _kernel() if use_kernel else None
-    if k is None:
-        out, ends = _decode_numpy(c, table, bounds)
-        out = out if place is None else place.apply(out)
-    else:
+    def decode(self, store: Store = Store.SYMBOLS, raw: np.ndarray | None = None, *, out: np.ndarray | None = None,
+               threads: int | None = None, use_kernel: bool = True) -> np.ndarray:
+        """The n decoded elements (`store` says which) in `out` or a new array; raises
+        SlimlmError when a chunk does not end where the chunk table says. `threads`
+        (default: torch's intra-op thread count) split the chunks of the C kernel."""
+        dtype = STORE_DTYPE[store]
+        if store is not Store.SYMBOLS and (raw is None or raw.size != self.n or raw.dtype != np.uint8):
+            raise ValueError(f"storing {store.name} needs {self.n} raw uint8 bytes")
+        if out is None:
+            out = np.empty(self.n, dtype=dtype)
+        elif out.dtype != dtype or out.size != self.n or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous {np.dtype(dtype).name} array of {self.n} elements")
+        if self.n == 0:
+            return out
+        k = _kernel() if use_kernel else None
+        if k is None:
+            sym, ends = _decode_numpy(self._coded, self.table, self.bounds)
+            if not np.array_equal(ends, self.bounds[1:]):
+                raise _corrupt_chunk(int(np.nonzero(ends != self.bounds[1:])[0][0]))
+            out[...] = store.apply(sym, raw)
+            return out
+        if self._multi is None:
+            self._multi = multi_table(self._coded.lengths)
         if threads is None:
             import torch
 
             threads = torch.get_num_threads()
-        out, ends = _decode_kernel(k.decode, c, table, bounds, max(1, threads), place)
-    if not np.array_equal(ends, bounds[1:]):
-        bad = int(np.nonzero(ends != bounds[1:])[0][0])
-        raise SlimlmError(f"coded chunk {bad} does not end where the chunk table says; the coded weights are corrupt")
-    return out
+        threads = max(1, threads) if self.n >= PARALLEL_MIN else 1
+        stream = self._coded.stream
+        bad = k.decode(int(store), stream.ctypes.data, stream.size, self.bounds.ctypes.data, self.bounds.size - 1,
+                       self.chunk, self.n, self._multi.ctypes.data, out.ctypes.data,
+                       None if raw is None else raw.ctypes.data, threads)
+        if bad >= 0:
+            raise _corrupt_chunk(int(bad))
+        return out
+
+
+def decode(c: Coded, use_kernel: bool = True, threads: int | None = None, store: Store = Store.SYMBOLS,
+           raw: np.ndarray | None = None) -> np.ndarray:
+    """The n symbols (uint8) of `c`, or with `store` the words it describes; raises
+    SlimlmError when the stream is inconsistent (see `Decoder.decode`)."""
+    return Decoder(c).decode(store, raw, threads=threads, use_kernel=use_kernel)

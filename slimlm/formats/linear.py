@@ -3,7 +3,8 @@
 The forward pass computes with `packed.dequantize()` — the format's reference — cached
 after the first call so repeated forwards cost one matmul, unless the format sets
 `cache_decoded = False` (decode just before use, e.g. block-level decompression of an
-entropy-coded format) or the module is built with `cache=False`. The packed
+entropy-coded format) or the module is built with `cache=False`; an uncached format that
+offers `dequantize_as(dtype)` is then decoded straight into the activations' dtype. The packed
 tensors are not registered as parameters or buffers: they are saved by
 `slimlm.formats.store`, and the module's `state_dict` holds only the bias.
 
@@ -93,7 +94,11 @@ class CompressedLinear(nn.Module):
             if op is not None:
                 y = op(x)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
-        w = self.weight
+        as_dtype = getattr(self.packed, "dequantize_as", None)
+        if self._weight is None and not self.cache and as_dtype is not None:
+            w = as_dtype(x.dtype)  # decoded straight into the forward's dtype, no float32 copy
+        else:
+            w = self.weight
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

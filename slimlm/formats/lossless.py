@@ -15,9 +15,11 @@ mantissa are stored raw:
     crc         CRC-32 of every stored tensor and the shape, kept in the metadata
 
 with n = out·in weights in row-major order. `dequantize()` widens the decoded weights
-to float32 (exact). The decoded weight is not cached by `CompressedLinear`
-(`cache_decoded = False`): it is rebuilt just before each use, so only one layer's
-float weights are alive at a time (block-level decompression).
+to float32 (exact); `dequantize_as(dtype)` decodes straight into the forward's dtype.
+The decoded weight is not cached by `CompressedLinear` (`cache_decoded = False`): it is
+rebuilt just before each use, so only one layer's float weights are alive at a time
+(block-level decompression). The decoder's tables are built once per layer and kept
+(~40 KB, derived, not stored).
 
 `LosslessInt` holds an `IntQuant` whose integer codes are Huffman-coded instead of
 bit-packed; scales and minimums stay fp16. `dequantize()` equals the IntQuant's exactly.
@@ -148,25 +150,31 @@ class LosslessFloat:
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def _exponents(self, place: _entropy.Place | None = None) -> np.ndarray:
-        n = self.out_features * self.in_features
-        return _entropy.decode(_coded(n, self.chunk, self.lengths, self.stream, self.chunk_bits), place=place)
+    def _decoder(self) -> _entropy.Decoder:
+        """The exponent decoder, built once (tables, chunk starts): decoding runs at every forward."""
+        dec = self.__dict__.get("_dec")
+        if dec is None:
+            n = self.out_features * self.in_features
+            dec = self._dec = _entropy.Decoder(_coded(n, self.chunk, self.lengths, self.stream, self.chunk_bits))
+        return dec
 
-    def _bfloat16_bits(self, wide: bool) -> np.ndarray:
-        """bf16 bit patterns (uint16), or with `wide` the float32 ones (uint32, bf16 << 16):
-        the exponent shifted into place, OR a table lookup of the sign+mantissa byte
-        (fused into the decoder's store)."""
-        shift = 16 if wide else 0
-        byte = np.arange(256, dtype=np.uint32)
-        lut = ((byte & 0x80) << (8 + shift)) | ((byte & 0x7F) << shift)
-        place = _entropy.Place(raw=_np(self.raw)[0], lut=lut, shift=7 + shift, dtype=np.uint32 if wide else np.uint16)
-        return self._exponents(place)
+    def _exponents(self) -> np.ndarray:
+        return self._decoder().decode()
+
+    def _bfloat16_bits(self, wide: bool) -> torch.Tensor:
+        """(out, in) bf16 bit patterns (int16), or with `wide` the float32 ones (int32, bf16 << 16),
+        decoded straight into a new tensor: the exponent shifted into place between the sign
+        and mantissa bits of the raw byte (fused into the decoder's store)."""
+        bits = torch.empty(self.shape, dtype=torch.int32 if wide else torch.int16)
+        store = _entropy.Store.BF16_AS_F32 if wide else _entropy.Store.BF16
+        self._decoder().decode(store, _np(self.raw)[0], out=bits.numpy().reshape(-1).view(np.uint32 if wide else np.uint16))
+        return bits
 
     def decode_native(self) -> torch.Tensor:
         """The (out, in) weight in its own dtype, bit for bit as it was coded."""
         e, m, int_dtype = FLOAT_FIELDS[self.dtype]
         if self.dtype == "bfloat16":
-            return torch.from_numpy(self._bfloat16_bits(False).view(np.int16)).view(torch.bfloat16).view(self.shape)
+            return self._bfloat16_bits(False).view(torch.bfloat16)
         n = self.out_features * self.in_features
         exponent = self._exponents()
         raw = _np(self.raw)
@@ -181,8 +189,15 @@ class LosslessFloat:
 
     def dequantize(self) -> torch.Tensor:
         if self.dtype == "bfloat16":  # straight to float32 bits: widening bf16 is a 16-bit shift
-            return torch.from_numpy(self._bfloat16_bits(True).view(np.float32)).view(self.shape)
+            return self._bfloat16_bits(True).view(torch.float32)
         return self.decode_native().float()
+
+    def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """`dequantize().to(dtype)` without the float32 copy in between: what a forward in
+        `dtype` computes with (a bfloat16 model decodes straight to bfloat16)."""
+        if dtype == getattr(torch, self.dtype):
+            return self.decode_native()
+        return self.dequantize().to(dtype)
 
     def nbits(self) -> int:
         n = sum(stored_bits(t) for t in (self.lengths, self.stream, self.chunk_bits, self.raw))
