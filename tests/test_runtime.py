@@ -53,6 +53,19 @@ def test_sliding_window_layers_mask_old_keys(fused):
     assert (got - ref).abs().max() < ATOL
 
 
+def test_fused_dense_rows_with_odd_widths():
+    """Widths that are not multiples of 16 (72, 100) and 5 output rows per head group: the
+    fused step's masked row tails and leftover rows against transformers."""
+    m = tiny_model("llama", hidden_size=72, intermediate_size=100, num_attention_heads=4, num_key_value_heads=1).model
+    ids = _ids(10)
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0]
+    lean = LeanModel(m, RuntimeConfig())
+    assert lean.fused
+    got = torch.cat([lean.extend(ids[:5], all_logits=True), torch.stack([lean.step(t) for t in ids[5:]])])
+    assert (got - ref).abs().max() < ATOL
+
+
 def test_fused_step_serves_int8_kernels_only():
     """The fused step reads IntQuant codes in the int8-path layout; a float-path or reference
     model runs its blocks in PyTorch instead."""
