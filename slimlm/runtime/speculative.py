@@ -1,7 +1,8 @@
 """Self-speculative decoding: a more compressed copy of the model drafts, the model verifies.
 
 Each round the draft proposes `k` tokens one by one (cheap: fewer bits read per token);
-the target scores all of them in one batched forward of k+1 positions; the longest
+the target scores all of them in one batched forward of k+1 positions (the previous
+round's extra token and the k drafted ones, so the target runs once per round); the longest
 acceptable prefix is kept, plus one token from the target (a correction, or a bonus when
 all k were accepted). Acceptance follows Leviathan et al. / Chen et al. 2023: draft token
 x with draft probability q(x) and target probability p(x) is kept with probability
@@ -77,6 +78,8 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
     draft.reset()
     p_last = target.prefill(list(prompt_ids))  # target logits for the next position
     d_logits = draft.prefill(list(prompt_ids))
+    committed = len(prompt_ids)  # tokens fixed so far (prompt and output)
+    pending: list[int] = []  # committed tokens the target has not run yet: last round's extra token
     out: list[int] = []
     while len(out) < cfg.max_new_tokens:
         n = min(k, cfg.max_new_tokens - len(out))
@@ -92,9 +95,12 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
             toks.append(t)
             if i + 1 < n:
                 d_logits = draft.step(t)
-        # verify: target logits after each drafted token, in one batched pass
-        base = len(target.tokens)
-        p_all = torch.cat([p_last.unsqueeze(0), target.extend(toks, all_logits=True)])  # (n+1, V)
+        # verify in one batched pass that also runs last round's extra token: row i holds the
+        # target's logits for drafted token i, row n those for the token after all of them
+        if pending:
+            p_all = target.extend(pending + toks, all_logits=True)  # (n+1, V): pending is one token
+        else:
+            p_all = torch.cat([p_last.unsqueeze(0), target.extend(toks, all_logits=True)])
         n_ok, extra = 0, None
         for i, t in enumerate(toks):
             if greedy:
@@ -125,11 +131,13 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
             yield t
         if len(out) >= cfg.max_new_tokens:
             return
-        # roll both caches back to the accepted prefix, then feed the extra token
-        target.truncate(base + n_ok)
-        p_last = target.step(extra)
-        draft.truncate(base + n_ok)
-        d_logits = draft.extend(toks[len(draft.tokens) - base: n_ok] + [extra])
+        # roll both caches back to the accepted prefix; the extra token joins the target's next
+        # verification pass and is fed to the draft now (it drafts from it)
+        target.truncate(committed + n_ok)
+        pending = [extra]
+        draft.truncate(committed + n_ok)
+        d_logits = draft.extend(toks[len(draft.tokens) - committed: n_ok] + [extra])
+        committed += n_ok + 1
 
 
 def speculative_pair(model: nn.Module, draft_bits: int = 2, runtime: RuntimeConfig | None = None,
