@@ -67,8 +67,9 @@ def draft_model(model: nn.Module, bits: int = 2, group: int = 32) -> nn.Module:
 
 @torch.inference_mode()
 def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], cfg: GenerationConfig, k: int = 4,
-                    eos_ids=(), stats: SpecStats | None = None) -> Iterator[int]:
-    """Yield the target's tokens, `k` drafted per round; `stats` (if given) collects acceptance."""
+                    eos_ids=(), stats: SpecStats | None = None, on_prefill=None) -> Iterator[int]:
+    """Yield the target's tokens, `k` drafted per round; `stats` (if given) collects acceptance;
+    `on_prefill` (if given) is called once both models have run the prompt."""
     if k < 1:
         raise SlimlmError(f"draft length k must be at least 1, got {k}")
     stats = stats if stats is not None else SpecStats()
@@ -78,6 +79,8 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
     draft.reset()
     p_last = target.prefill(list(prompt_ids))  # target logits for the next position
     d_logits = draft.prefill(list(prompt_ids))
+    if on_prefill is not None:
+        on_prefill()
     committed = len(prompt_ids)  # tokens fixed so far (prompt and output)
     pending: list[int] = []  # committed tokens the target has not run yet: last round's extra token
     out: list[int] = []
