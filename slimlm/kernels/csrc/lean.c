@@ -67,35 +67,52 @@ CLONES static void dense_rows(const float *w, int in, const float *x, int M, int
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,fma")))
 
-/* dense_rows with AVX-512: four weight rows per pass, 16 columns per load, the row tail masked. */
-AVX512 static void dense_rows_avx512(const float *w, int in, const float *x, int M, int r0, int r1, float *y, int ys) {
+/* Four weight rows × MM activation rows: 4·MM accumulators, each weight load serves MM rows. */
+AVX512 static inline __attribute__((always_inline)) void rows4_avx512(const float *w, int in, const float *x, int r,
+                                                                        float *y, int ys, const int MM) {
     const int tail = in % 16, nfull = in - tail;
     const __mmask16 km = (__mmask16)((1u << tail) - 1);
-    int r = r0;
-    for (; r + 4 <= r1; r += 4) {
-        const float *a = w + (size_t)r * in, *b = a + in, *c = b + in, *d = c + in;
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * in;
-            __m512 sa = _mm512_setzero_ps(), sb = sa, sc = sa, sd = sa;
-            for (int j = 0; j < nfull; j += 16) {
-                const __m512 v = _mm512_loadu_ps(xm + j);
-                sa = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), v, sa);
-                sb = _mm512_fmadd_ps(_mm512_loadu_ps(b + j), v, sb);
-                sc = _mm512_fmadd_ps(_mm512_loadu_ps(c + j), v, sc);
-                sd = _mm512_fmadd_ps(_mm512_loadu_ps(d + j), v, sd);
-            }
-            if (tail) {
-                const __m512 v = _mm512_maskz_loadu_ps(km, xm + nfull);
-                sa = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, a + nfull), v, sa);
-                sb = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, b + nfull), v, sb);
-                sc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, c + nfull), v, sc);
-                sd = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, d + nfull), v, sd);
-            }
-            float *ym = y + (size_t)m * ys + r;
-            ym[0] = _mm512_reduce_add_ps(sa), ym[1] = _mm512_reduce_add_ps(sb);
-            ym[2] = _mm512_reduce_add_ps(sc), ym[3] = _mm512_reduce_add_ps(sd);
+    const float *row[4] = {w + (size_t)r * in, w + (size_t)(r + 1) * in, w + (size_t)(r + 2) * in,
+                           w + (size_t)(r + 3) * in};
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int m = 0; m < MM; m++) acc[i][m] = _mm512_setzero_ps();
+    for (int j = 0; j < nfull; j += 16) {
+        __m512 v[4];
+        for (int m = 0; m < MM; m++) v[m] = _mm512_loadu_ps(x + (size_t)m * in + j);
+        for (int i = 0; i < 4; i++) {
+            const __m512 wv = _mm512_loadu_ps(row[i] + j);
+            for (int m = 0; m < MM; m++) acc[i][m] = _mm512_fmadd_ps(wv, v[m], acc[i][m]);
         }
     }
+    if (tail) {
+        __m512 v[4];
+        for (int m = 0; m < MM; m++) v[m] = _mm512_maskz_loadu_ps(km, x + (size_t)m * in + nfull);
+        for (int i = 0; i < 4; i++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(km, row[i] + nfull);
+            for (int m = 0; m < MM; m++) acc[i][m] = _mm512_fmadd_ps(wv, v[m], acc[i][m]);
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int i = 0; i < 4; i++) y[(size_t)m * ys + r + i] = _mm512_reduce_add_ps(acc[i][m]);
+}
+
+/* dense_rows with AVX-512: four weight rows per pass, up to four activation rows sharing each
+ * weight load (the products of a verification batch are compute-bound otherwise), 16 columns
+ * per load, the row tail masked. */
+AVX512 static void dense_rows_avx512(const float *w, int in, const float *x, int M, int r0, int r1, float *y, int ys) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4)
+        for (int m = 0; m < M; m += 4) {
+            const float *xm = x + (size_t)m * in;
+            float *ym = y + (size_t)m * ys;
+            switch (M - m < 4 ? M - m : 4) {
+            case 1: rows4_avx512(w, in, xm, r, ym, ys, 1); break;
+            case 2: rows4_avx512(w, in, xm, r, ym, ys, 2); break;
+            case 3: rows4_avx512(w, in, xm, r, ym, ys, 3); break;
+            default: rows4_avx512(w, in, xm, r, ym, ys, 4); break;
+            }
+        }
     if (r < r1) dense_rows(w, in, x, M, r, r1, y, ys);
 }
 #endif
