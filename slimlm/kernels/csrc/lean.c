@@ -28,6 +28,17 @@
 
 /* ---- dense float32 rows -------------------------------------------------------------------- */
 
+/* a · b, 16 partial sums (vectorised by the compiler). */
+static float dot(const float *a, const float *b, int n) {
+    float s[16] = {0}, t = 0.f;
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) s[l] += a[j + l] * b[j + l];
+    for (; j < n; j++) t += a[j] * b[j];
+    for (int l = 0; l < 16; l++) t += s[l];
+    return t;
+}
+
 /* y[m, r] = w[r] · x[m] for rows [r0, r1) and M activation rows (y's row stride ys); each weight
  * row is read once from memory for all M, four rows share each load of x. */
 CLONES static void dense_rows(const float *w, int in, const float *x, int M, int r0, int r1, float *y, int ys) {
@@ -51,16 +62,7 @@ CLONES static void dense_rows(const float *w, int in, const float *x, int M, int
         }
     }
     for (; r < r1; r++)
-        for (int m = 0; m < M; m++) {
-            const float *a = w + (size_t)r * in, *xm = x + (size_t)m * in;
-            float s[16] = {0}, t = 0.f;
-            int j = 0;
-            for (; j + 16 <= in; j += 16)
-                for (int l = 0; l < 16; l++) s[l] += a[j + l] * xm[j + l];
-            for (; j < in; j++) t += a[j] * xm[j];
-            for (int l = 0; l < 16; l++) t += s[l];
-            y[(size_t)m * ys + r] = t;
-        }
+        for (int m = 0; m < M; m++) y[(size_t)m * ys + r] = dot(w + (size_t)r * in, x + (size_t)m * in, in);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -168,16 +170,6 @@ static void rope(float *x, int heads, int hd, const float *cos, const float *sin
             x[i] = a * cos[i] - b * sin[i];
             x[i + h] = b * cos[i + h] + a * sin[i + h];
         }
-}
-
-static float dot(const float *a, const float *b, int n) {
-    float s[16] = {0}, t = 0.f;
-    int j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int l = 0; l < 16; l++) s[l] += a[j + l] * b[j + l];
-    for (; j < n; j++) t += a[j] * b[j];
-    for (int l = 0; l < 16; l++) t += s[l];
-    return t;
 }
 
 /* o (M, nq, hd): query m of each head attends the cached positions [lo(pos + m), pos + m];
