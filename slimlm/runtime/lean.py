@@ -77,6 +77,13 @@ def supports(model: nn.Module) -> bool:
     return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
 
 
+def _stacked_bias(mods: list[nn.Module]) -> torch.Tensor | None:
+    """The biases of linears stacked along their outputs (zeros where one has none), or None."""
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]).float().contiguous()
+
+
 class _LinearOp:
     """x (T, in) -> (T, Σ out) for linears sharing their input: one C kernel call when they
     are all IntQuant with one layout (and the extension is built), the modules otherwise."""
@@ -92,9 +99,7 @@ class _LinearOp:
             packs = [m.packed for m in mods]
             if stackable(packs) and extension() is not None:
                 self.kernel = IntQKernel(packs, extension())
-                if any(m.bias is not None for m in mods):
-                    self.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
-                                           for m in mods]).float()
+                self.bias = _stacked_bias(mods)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and (self.always or x.shape[0] <= self.small):
@@ -116,10 +121,8 @@ class _LinearOp:
         if self.always or any(type(m) is not nn.Linear or m.weight.dtype != torch.float32
                               or not m.weight.is_contiguous() for m in self.mods):
             return None
-        if any(m.bias is not None for m in self.mods):
-            self.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
-                                   for m in self.mods]).float().contiguous()
-        bias = 0 if self.bias is None else self.bias.data_ptr()
+        self._dense_bias = _stacked_bias(self.mods)  # kept alive: the plan points into it
+        bias = 0 if self._dense_bias is None else self._dense_bias.data_ptr()
         return (1, self.mods[0].in_features, bias, tuple((m.weight.data_ptr(), m.out_features) for m in self.mods))
 
     def nbytes(self) -> int:
@@ -147,7 +150,7 @@ class _Block:
 class LeanModel:
     """A Llama-family causal LM ready to decode: `prefill`, `step`, `extend`, `truncate`."""
 
-    fused_max_tokens = 16  # longer runs of tokens (prompts) go through PyTorch's batched matmuls
+    fused_max_tokens = 0  # tokens one fused call takes (the extension's LEAN_MAX_T); longer runs (prompts) use PyTorch
 
     def __init__(self, model: nn.Module, runtime: RuntimeConfig = RuntimeConfig()):
         cfg = model.config
@@ -181,6 +184,7 @@ class LeanModel:
         ext = extension()
         if ext is None or not hasattr(ext, "lean_new"):
             return None
+        self.fused_max_tokens = ext.LEAN_MAX_T
         layers = []
         for b, win in zip(self.blocks, self.windows):
             ops = [op.plan() for op in (b.qkv, b.o, b.gate_up, b.down)]
@@ -199,7 +203,7 @@ class LeanModel:
 
     @property
     def fused(self) -> bool:
-        """Whether one-token steps run as one C call (csrc/lean.c)."""
+        """Whether short steps (up to `fused_max_tokens` tokens) run as one C call (csrc/lean.c)."""
         return self._plan is not None
 
     @staticmethod

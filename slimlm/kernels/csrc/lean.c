@@ -130,7 +130,7 @@ static void dense(const float *w, int in, const float *x, int M, int r0, int r1,
 }
 
 /* y (M, Σ out) = the stacked linears of L applied to x (M, in). */
-static int linear(const lean_linear_t *L, const float *x, int M, float *y) {
+static void linear(const lean_linear_t *L, const float *x, int M, float *y) {
     if (L->kind == LEAN_INTQ) {
         intq_matmul_i8_prepared(&L->W, L->prep, x, M, y);
     } else {
@@ -148,7 +148,6 @@ static int linear(const lean_linear_t *L, const float *x, int M, float *y) {
     if (L->bias)
         for (int m = 0; m < M; m++)
             for (int r = 0; r < L->total; r++) y[(size_t)m * L->total + r] += L->bias[r];
-    return 0;
 }
 
 /* ---- elementwise ---------------------------------------------------------------------------- */
@@ -202,7 +201,7 @@ static void attention(const float *q, int qs, const float *kc, const float *vc, 
 
 /* ---- the step ------------------------------------------------------------------------------- */
 
-int lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kcache, float *const *vcache, int cap) {
+void lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kcache, float *const *vcache, int cap) {
     const int hd = M->hd, dim = M->dim;
     float *h = M->scratch, *big = h + (size_t)LEAN_MAX_T * dim, *att = big + (size_t)LEAN_MAX_T * M->big;
     float *score = att + (size_t)LEAN_MAX_T * M->att;
@@ -210,7 +209,7 @@ int lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kca
         const lean_layer_t *B = &M->layers[i];
         const int qo = B->nq * hd, ko = B->nkv * hd, nqkv = B->qkv.total, f = B->ffn;
         for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, B->ln1, dim, M->eps, h + (size_t)m * dim);
-        if (linear(&B->qkv, h, T, big)) return -1;
+        linear(&B->qkv, h, T, big);
         for (int m = 0; m < T; m++) {
             float *q = big + (size_t)m * nqkv, *k = q + qo, *v = k + ko;
             const float *cos = M->cos + (size_t)(pos + m) * hd, *sin = M->sin + (size_t)(pos + m) * hd;
@@ -226,10 +225,10 @@ int lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kca
             }
         }
         attention(big, nqkv, kcache[i], vcache[i], T, B->nq, B->nkv, hd, cap, pos, B->window, score, att);
-        if (linear(&B->o, att, T, big)) return -1;
+        linear(&B->o, att, T, big);
         for (size_t j = 0; j < (size_t)T * dim; j++) x[j] += big[j];
         for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, B->ln2, dim, M->eps, h + (size_t)m * dim);
-        if (linear(&B->gate_up, h, T, big)) return -1;
+        linear(&B->gate_up, h, T, big);
         for (int m = 0; m < T; m++) {
             float *g = big + (size_t)m * 2 * f, *u = g + f, *a = big + (size_t)m * f; /* a overwrites g in order */
             for (int j = 0; j < f; j++) {
@@ -237,9 +236,8 @@ int lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kca
                 a[j] = gj / (1.f + expf(-gj)) * u[j];
             }
         }
-        if (linear(&B->down, big, T, att)) return -1;
+        linear(&B->down, big, T, att);
         for (size_t j = 0; j < (size_t)T * dim; j++) x[j] += att[j];
     }
     for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, M->norm, dim, M->eps, x + (size_t)m * dim);
-    return 0;
 }

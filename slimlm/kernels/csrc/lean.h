@@ -33,6 +33,6 @@ typedef struct {
 } lean_model_t;
 
 /* All blocks for T tokens at positions pos..pos+T-1 (each attending to its own prefix) over
- * x (T, dim) in place, then the final norm. 0, or -1 when out of memory. */
-int lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kcache, float *const *vcache, int cap);
+ * x (T, dim) in place, then the final norm (every buffer is the plan's, allocated by lean_new). */
+void lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kcache, float *const *vcache, int cap);
 #endif

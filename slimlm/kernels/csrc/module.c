@@ -220,10 +220,8 @@ static PyObject *py_lean_step(PyObject *self, PyObject *const *a, Py_ssize_t n) 
                      T, pos, LEAN_MAX_T, cap, M->max_cap);
         return NULL;
     }
-    int rc;
-    Py_BEGIN_ALLOW_THREADS rc = lean_step(M, x, T, pos, kc, vc, cap);
-    Py_END_ALLOW_THREADS if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS lean_step(M, x, T, pos, kc, vc, cap);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -235,10 +233,17 @@ static PyMethodDef methods[] = {
     {"has_vnni", py_has_vnni, METH_NOARGS, "whether the int8 path runs its AVX-512 VNNI kernel here"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run with"},
     {"lean_new", py_lean_new, METH_VARARGS, "the plan of a fused decode step (lean.c)"},
-    {"lean_step", (PyCFunction)(void (*)(void))py_lean_step, METH_FASTCALL, "all blocks for one token, in place"},
+    {"lean_step", (PyCFunction)(void (*)(void))py_lean_step, METH_FASTCALL, "all blocks for up to LEAN_MAX_T tokens, in place"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "slimlm IntQuant CPU kernels", -1, methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__C(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "LEAN_MAX_T", LEAN_MAX_T)) { /* tokens one lean_step takes */
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
