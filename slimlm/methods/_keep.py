@@ -15,7 +15,22 @@ from typing import Callable
 
 import torch
 
+from slimlm.errors import SlimlmError
 from slimlm.formats.keptcols import KeptColumns
+
+MAX_KEEP = 256
+
+
+def check_keep(keep: int) -> None:
+    """A recipe's `keep` option, checked when the config is built."""
+    if not 0 <= keep <= MAX_KEEP:
+        raise SlimlmError(f"keep (input columns kept in fp16) must be in 0..{MAX_KEEP}, got {keep}")
+
+
+def check_keep_fits(keep: int, shape: tuple[int, int]) -> None:
+    """`keep` against one layer's (out, in) shape, checked before compressing."""
+    if keep >= shape[1]:
+        raise SlimlmError(f"cannot keep {keep} of the layer's {shape[1]} input columns apart; lower keep")
 
 
 def top_columns(h: torch.Tensor, n: int) -> torch.Tensor:

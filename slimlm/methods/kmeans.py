@@ -31,7 +31,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.palette import Palette, n_tables
-from slimlm.methods._keep import with_kept_columns
+from slimlm.methods._keep import check_keep, check_keep_fits, with_kept_columns
 from slimlm.methods._kmeans import feedback_quantize, grouped_kmeans_1d, inverse_hessian_factor, nearest_level
 from slimlm.methods.registry import register
 
@@ -63,8 +63,7 @@ class KMeansConfig:
             raise SlimlmError(f"damp must be a small non-negative fraction such as 0.01, got {self.damp}")
         if not 0 <= self.refit <= 10:
             raise SlimlmError(f"refit rounds must be in 0..10, got {self.refit}")
-        if not 0 <= self.keep <= 256:
-            raise SlimlmError(f"keep (input columns kept in fp16) must be in 0..256, got {self.keep}")
+        check_keep(self.keep)
         if not 0 <= self.iters <= 1000:
             raise SlimlmError(f"iters must be in 0..1000, got {self.iters}")
 
@@ -151,8 +150,7 @@ def palettize(w: torch.Tensor, h: torch.Tensor | None, config: KMeansConfig) -> 
 
 
 def _check(config: KMeansConfig, shape: tuple[int, int]) -> None:
-    if config.keep >= shape[1]:
-        raise SlimlmError(f"cannot keep {config.keep} of the layer's {shape[1]} input columns apart; lower keep")
+    check_keep_fits(config.keep, shape)
 
 
 @register("kmeans", KMeansConfig, needs=("hessian",), check=_check)

@@ -44,7 +44,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.vq import MAX_INDEX_BITS, Codebook, VectorQuant, index_bits, remember
-from slimlm.methods._keep import with_kept_columns
+from slimlm.methods._keep import check_keep, check_keep_fits, with_kept_columns
 from slimlm.methods._kmeans import assign_weighted, feedback_quantize, inverse_hessian_factor, weighted_kmeans
 from slimlm.methods.registry import register
 
@@ -85,8 +85,7 @@ class VQConfig:
             raise SlimlmError(f"codebook size k must be in 2..2^{MAX_INDEX_BITS}, got {self.size}")
         if not 0 <= self.damp < 10:
             raise SlimlmError(f"damp must be a small non-negative fraction such as 0.01, got {self.damp}")
-        if not 0 <= self.keep <= 256:
-            raise SlimlmError(f"keep (input columns kept in fp16) must be in 0..256, got {self.keep}")
+        check_keep(self.keep)
         if not 0 <= self.iters <= 1000 or self.max_points < 1:
             raise SlimlmError(f"iters must be in 0..1000 and max_points ≥ 1, got {self.iters} and {self.max_points}")
 
@@ -221,8 +220,7 @@ def vector_quantize(w: torch.Tensor, h: torch.Tensor | None, config: VQConfig, s
 
 
 def _check(config: VQConfig, shape: tuple[int, int]) -> None:
-    if config.keep >= shape[1]:
-        raise SlimlmError(f"cannot keep {config.keep} of the layer's {shape[1]} input columns apart; lower keep")
+    check_keep_fits(config.keep, shape)
     n_vec = shape[0] * -(-(shape[1] - config.keep) // config.dim)
     if config.share is Share.NONE and config.size > n_vec:
         raise SlimlmError(f"a per-layer codebook of {config.size} entries exceeds the layer's "
