@@ -66,6 +66,39 @@ def test_fused_dense_rows_with_odd_widths():
     assert (got - ref).abs().max() < ATOL
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_fused_attention_with_head_dim_64(window):
+    """Head dimension 64 (the embedded model's) takes lean.c's vectorised attention row; against
+    transformers over 24 positions, with and without a sliding window."""
+    kw = dict(sliding_window=window) if window else {}
+    m = tiny_model("mistral", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, **kw).model
+    assert m.config.hidden_size // m.config.num_attention_heads == 64
+    ids = _ids(24)
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0]
+    lean = LeanModel(m, RuntimeConfig())
+    assert lean.fused
+    got = torch.cat([lean.extend(ids[:9], all_logits=True), torch.stack([lean.step(t) for t in ids[9:]])])
+    assert (got - ref).abs().max() < ATOL
+
+
+def test_fused_head_equals_the_module_head():
+    """The output head runs in C (lean_linear) on the fused path: same logits as the head module
+    applied to the same normed hidden state, for a float head and an 8-bit runtime head."""
+    from slimlm.kernels import extension
+
+    m = tiny_model("llama").model
+    for rt in (RuntimeConfig(), RuntimeConfig(head_bits=8, head_group=16)):
+        lean = LeanModel(m, rt)
+        assert lean._head_plan is not None
+        x = torch.randn(3, lean.dim)
+        got = torch.empty(3, lean.head.out_features)
+        extension().lean_linear(lean._head_plan, x.data_ptr(), 3, got.data_ptr())
+        assert (got - lean.head(x)).abs().max() < 1e-4
+        with pytest.raises(ValueError, match="rows"):
+            extension().lean_linear(lean._head_plan, x.data_ptr(), 17, got.data_ptr())
+
+
 def test_fused_step_serves_int8_kernels_only():
     """The fused step reads IntQuant codes in the int8-path layout; a float-path or reference
     model runs its blocks in PyTorch instead."""

@@ -93,6 +93,7 @@ class _LinearOp:
         from slimlm.kernels.intq import SMALL_BATCH, IntQKernel, stackable
 
         self.mods, self.kernel, self.small = mods, None, SMALL_BATCH
+        self.out_features = sum(m.out_features for m in mods)
         self.always = kernel is Kernel.CPU
         self.bias = None
         if kernel is not Kernel.REFERENCE and all(isinstance(m, CompressedLinear) for m in mods):
@@ -174,6 +175,7 @@ class LeanModel:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.tokens: list[int] = []
+        self._head_plan = None
         self._plan = self._fused_plan() if runtime.fused and runtime.kernel is not Kernel.REFERENCE else None
         self._cache_ptrs: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -198,6 +200,8 @@ class LeanModel:
                            b.ffn, win or 0, *ops))
         if self.norm.dtype != torch.float32 or not self.norm.is_contiguous():
             return None
+        head = self.head.plan()  # the head in C too when it has a fused form (else it stays a module)
+        self._head_plan = ext.lean_linear_new(head) if head is not None else None
         return ext.lean_new(self.dim, self.hd, float(self.eps), self.max_seq, self.cos.data_ptr(), self.sin.data_ptr(),
                             self.norm.data_ptr(), layers)
 
@@ -321,7 +325,12 @@ class LeanModel:
         extension().lean_step(self._plan, x.data_ptr(), len(ids), pos, kp.data_ptr(), vp.data_ptr(),
                               self.k_cache[0].shape[1])
         self.tokens.extend(ids)
-        logits = self.head(x if all_logits else x[-1:]).float()
+        x = x if all_logits else x[-1:]
+        if self._head_plan is None:
+            logits = self.head(x).float()
+        else:
+            logits = torch.empty(x.shape[0], self.head.out_features)
+            extension().lean_linear(self._head_plan, x.data_ptr(), x.shape[0], logits.data_ptr())
         return logits if all_logits else logits[0]
 
     def prefill(self, ids: list[int]) -> torch.Tensor:

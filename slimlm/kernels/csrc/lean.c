@@ -71,7 +71,7 @@ CLONES static void dense_rows(const float *w, int in, const float *x, int M, int
 
 /* Four weight rows × MM activation rows: 4·MM accumulators, each weight load serves MM rows. */
 AVX512 static inline __attribute__((always_inline)) void rows4_avx512(const float *w, int in, const float *x, int r,
-                                                                        float *y, int ys, const int MM) {
+                                                                        float *y, int ys, const int MM, int pf) {
     const int tail = in % 16, nfull = in - tail;
     const __mmask16 km = (__mmask16)((1u << tail) - 1);
     const float *row[4] = {w + (size_t)r * in, w + (size_t)(r + 1) * in, w + (size_t)(r + 2) * in,
@@ -82,6 +82,8 @@ AVX512 static inline __attribute__((always_inline)) void rows4_avx512(const floa
     for (int j = 0; j < nfull; j += 16) {
         __m512 v[4];
         for (int m = 0; m < MM; m++) v[m] = _mm512_loadu_ps(x + (size_t)m * in + j);
+        if (pf) /* the next four rows, while later passes over these rows compute from L1 */
+            for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(row[i] + 4 * (size_t)in + j), _MM_HINT_T0);
         for (int i = 0; i < 4; i++) {
             const __m512 wv = _mm512_loadu_ps(row[i] + j);
             for (int m = 0; m < MM; m++) acc[i][m] = _mm512_fmadd_ps(wv, v[m], acc[i][m]);
@@ -108,11 +110,12 @@ AVX512 static void dense_rows_avx512(const float *w, int in, const float *x, int
         for (int m = 0; m < M; m += 4) {
             const float *xm = x + (size_t)m * in;
             float *ym = y + (size_t)m * ys;
+            const int pf = m == 0 && M > 4 && r + 8 <= r1;
             switch (M - m < 4 ? M - m : 4) {
-            case 1: rows4_avx512(w, in, xm, r, ym, ys, 1); break;
-            case 2: rows4_avx512(w, in, xm, r, ym, ys, 2); break;
-            case 3: rows4_avx512(w, in, xm, r, ym, ys, 3); break;
-            default: rows4_avx512(w, in, xm, r, ym, ys, 4); break;
+            case 1: rows4_avx512(w, in, xm, r, ym, ys, 1, pf); break;
+            case 2: rows4_avx512(w, in, xm, r, ym, ys, 2, pf); break;
+            case 3: rows4_avx512(w, in, xm, r, ym, ys, 3, pf); break;
+            default: rows4_avx512(w, in, xm, r, ym, ys, 4, pf); break;
             }
         }
     if (r < r1) dense_rows(w, in, x, M, r, r1, y, ys);
@@ -130,7 +133,7 @@ static void dense(const float *w, int in, const float *x, int M, int r0, int r1,
 }
 
 /* y (M, Σ out) = the stacked linears of L applied to x (M, in). */
-static void linear(const lean_linear_t *L, const float *x, int M, float *y) {
+void lean_linear(const lean_linear_t *L, const float *x, int M, float *y) {
     if (L->kind == LEAN_INTQ) {
         intq_matmul_i8_prepared(&L->W, L->prep, x, M, y);
     } else {
@@ -171,6 +174,101 @@ static void rope(float *x, int heads, int hd, const float *cos, const float *sin
         }
 }
 
+/* The scores, softmax and weighted values of one query row over L cached positions. */
+static void attend_row(const float *qn, const float *K, const float *V, int L, int hd, float scale, float *s,
+                       float *on) {
+    float mx = -INFINITY, z = 0.f;
+    for (int t = 0; t < L; t++) {
+        s[t] = dot(qn, K + (size_t)t * hd, hd) * scale;
+        mx = s[t] > mx ? s[t] : mx;
+    }
+    for (int t = 0; t < L; t++) z += s[t] = expf(s[t] - mx);
+    const float iz = 1.f / z;
+    for (int i = 0; i < hd; i++) on[i] = 0.f;
+    for (int t = 0; t < L; t++) {
+        const float p = s[t] * iz, *v = V + (size_t)t * hd;
+        for (int i = 0; i < hd; i++) on[i] += p * v[i];
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* attend_row for hd = 64 with AVX-512: q in four registers, one key row per four FMAs and a
+ * reduction, the output row in four accumulators (same operation order per lane as
+ * attend_row's sums, which is not bit-identical to it: only to within rounding). */
+AVX512 static void attend_row64_avx512(const float *qn, const float *K, const float *V, int L, float scale, float *s,
+                                       float *on) {
+    const __m512 q0 = _mm512_loadu_ps(qn), q1 = _mm512_loadu_ps(qn + 16), q2 = _mm512_loadu_ps(qn + 32),
+                 q3 = _mm512_loadu_ps(qn + 48);
+    float mx = -INFINITY, z = 0.f;
+    for (int t = 0; t < L; t++) {
+        const float *k = K + (size_t)t * 64;
+        __m512 a = _mm512_mul_ps(q0, _mm512_loadu_ps(k));
+        __m512 b = _mm512_mul_ps(q1, _mm512_loadu_ps(k + 16));
+        a = _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32), a);
+        b = _mm512_fmadd_ps(q3, _mm512_loadu_ps(k + 48), b);
+        s[t] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
+        mx = s[t] > mx ? s[t] : mx;
+    }
+    for (int t = 0; t < L; t++) z += s[t] = expf(s[t] - mx);
+    const float iz = 1.f / z;
+    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    for (int t = 0; t < L; t++) {
+        const __m512 p = _mm512_set1_ps(s[t] * iz);
+        const float *v = V + (size_t)t * 64;
+        o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v), o0);
+        o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16), o1);
+        o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 32), o2);
+        o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 48), o3);
+    }
+    _mm512_storeu_ps(on, o0);
+    _mm512_storeu_ps(on + 16, o1);
+    _mm512_storeu_ps(on + 32, o2);
+    _mm512_storeu_ps(on + 48, o3);
+}
+
+/* e^x for the SiLU: 2^(x·log2 e) split into 2^n · 2^f, f in [-0.5, 0.5], 2^f by a degree-6
+ * polynomial (relative error about 2e-7, like expf's float rounding); x clamped to ±88. */
+AVX512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n); /* 2^f = e^(f ln 2) */
+    const __m512 g = _mm512_mul_ps(f, _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* a[j] = silu(g[j]) · u[j] for j < n (a may be g). */
+AVX512 static void silu_mul_avx512(const float *g, const float *u, float *a, int n) {
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + j), one = _mm512_set1_ps(1.f);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(a + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+    }
+    for (; j < n; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+}
+#endif
+
+static void silu_mul(const float *g, const float *u, float *a, int n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (intq_has_avx512()) {
+        silu_mul_avx512(g, u, a, n);
+        return;
+    }
+#endif
+    for (int j = 0; j < n; j++) {
+        const float gj = g[j];
+        a[j] = gj / (1.f + expf(-gj)) * u[j];
+    }
+}
+
 /* o (M, nq, hd): query m of each head attends the cached positions [lo(pos + m), pos + m];
  * q rows have stride qs floats. score (M · nq, cap) is scratch. Query head n reads KV head
  * n / (nq / nkv). */
@@ -178,24 +276,25 @@ static void attention(const float *q, int qs, const float *kc, const float *vc, 
                       int cap, int pos, int window, float *score, float *o) {
     const int rep = nq / nkv;
     const float scale = 1.f / sqrtf((float)hd);
+#if defined(__x86_64__) && defined(__GNUC__)
+    const int fast = hd == 64 && intq_has_avx512();
+#else
+    const int fast = 0;
+#endif
 #pragma omp parallel for schedule(static)
     for (int mn = 0; mn < M * nq; mn++) {
         const int m = mn / nq, n = mn % nq, hi = pos + m;
         const int lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0, L = hi - lo + 1;
-        const float *K = kc + (size_t)(n / rep) * cap * hd, *V = vc + (size_t)(n / rep) * cap * hd;
+        const float *K = kc + ((size_t)(n / rep) * cap + lo) * hd, *V = vc + ((size_t)(n / rep) * cap + lo) * hd;
         const float *qn = q + (size_t)m * qs + (size_t)n * hd;
-        float *s = score + (size_t)mn * cap, *on = o + (size_t)mn * hd, mx = -INFINITY, z = 0.f;
-        for (int t = 0; t < L; t++) {
-            s[t] = dot(qn, K + (size_t)(lo + t) * hd, hd) * scale;
-            mx = s[t] > mx ? s[t] : mx;
+        float *s = score + (size_t)mn * cap, *on = o + (size_t)mn * hd;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (fast) {
+            attend_row64_avx512(qn, K, V, L, scale, s, on);
+            continue;
         }
-        for (int t = 0; t < L; t++) z += s[t] = expf(s[t] - mx);
-        const float iz = 1.f / z;
-        for (int i = 0; i < hd; i++) on[i] = 0.f;
-        for (int t = 0; t < L; t++) {
-            const float p = s[t] * iz, *v = V + (size_t)(lo + t) * hd;
-            for (int i = 0; i < hd; i++) on[i] += p * v[i];
-        }
+#endif
+        attend_row(qn, K, V, L, hd, scale, s, on);
     }
 }
 
@@ -209,7 +308,7 @@ void lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kc
         const lean_layer_t *B = &M->layers[i];
         const int qo = B->nq * hd, ko = B->nkv * hd, nqkv = B->qkv.total, f = B->ffn;
         for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, B->ln1, dim, M->eps, h + (size_t)m * dim);
-        linear(&B->qkv, h, T, big);
+        lean_linear(&B->qkv, h, T, big);
         for (int m = 0; m < T; m++) {
             float *q = big + (size_t)m * nqkv, *k = q + qo, *v = k + ko;
             const float *cos = M->cos + (size_t)(pos + m) * hd, *sin = M->sin + (size_t)(pos + m) * hd;
@@ -225,18 +324,15 @@ void lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kc
             }
         }
         attention(big, nqkv, kcache[i], vcache[i], T, B->nq, B->nkv, hd, cap, pos, B->window, score, att);
-        linear(&B->o, att, T, big);
+        lean_linear(&B->o, att, T, big);
         for (size_t j = 0; j < (size_t)T * dim; j++) x[j] += big[j];
         for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, B->ln2, dim, M->eps, h + (size_t)m * dim);
-        linear(&B->gate_up, h, T, big);
-        for (int m = 0; m < T; m++) {
-            float *g = big + (size_t)m * 2 * f, *u = g + f, *a = big + (size_t)m * f; /* a overwrites g in order */
-            for (int j = 0; j < f; j++) {
-                const float gj = g[j];
-                a[j] = gj / (1.f + expf(-gj)) * u[j];
-            }
+        lean_linear(&B->gate_up, h, T, big);
+        for (int m = 0; m < T; m++) { /* a overwrites g in order */
+            float *g = big + (size_t)m * 2 * f;
+            silu_mul(g, g + f, big + (size_t)m * f, f);
         }
-        linear(&B->down, big, T, att);
+        lean_linear(&B->down, big, T, att);
         for (size_t j = 0; j < (size_t)T * dim; j++) x[j] += att[j];
     }
     for (int m = 0; m < T; m++) rmsnorm(x + (size_t)m * dim, M->norm, dim, M->eps, x + (size_t)m * dim);

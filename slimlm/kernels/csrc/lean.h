@@ -32,6 +32,9 @@ typedef struct {
     float *scratch;                /* LEAN_MAX_T · (dim + big + att + max nq · max_cap) */
 } lean_model_t;
 
+/* y (M, total) = L applied to x (M, in), M <= LEAN_MAX_T for an IntQuant linear (its buffers). */
+void lean_linear(const lean_linear_t *L, const float *x, int M, float *y);
+
 /* All blocks for T tokens at positions pos..pos+T-1 (each attending to its own prefix) over
  * x (T, dim) in place, then the final norm (every buffer is the plan's, allocated by lean_new). */
 void lean_step(const lean_model_t *M, float *x, int T, int pos, float *const *kcache, float *const *vcache, int cap);

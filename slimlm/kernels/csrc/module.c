@@ -205,6 +205,48 @@ fail:
     return NULL;
 }
 
+/* A single linear (the output head) as lean_step runs its block linears. */
+static void lean_linear_free(PyObject *cap) {
+    lean_linear_t *L = PyCapsule_GetPointer(cap, "slimlm.lean_linear");
+    if (!L) return;
+    intq_i8_release(L->prep);
+    free(L);
+}
+
+/* lean_linear_new(linear) -> capsule; linear as in lean_new's layers. */
+static PyObject *py_lean_linear_new(PyObject *self, PyObject *args) {
+    PyObject *t;
+    if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &t)) return NULL;
+    lean_linear_t *L = calloc(1, sizeof *L);
+    if (!L) return PyErr_NoMemory();
+    if (parse_linear(t, L)) {
+        intq_i8_release(L->prep);
+        free(L);
+        return NULL;
+    }
+    PyObject *cap = PyCapsule_New(L, "slimlm.lean_linear", lean_linear_free);
+    if (!cap) {
+        intq_i8_release(L->prep);
+        free(L);
+    }
+    return cap;
+}
+
+/* lean_linear(linear, x, M, y): y (M, total) float32 = linear(x (M, in)), M <= LEAN_MAX_T. */
+static PyObject *py_lean_linear(PyObject *self, PyObject *const *a, Py_ssize_t n) {
+    if (n != 4) return PyErr_Format(PyExc_TypeError, "lean_linear takes 4 arguments, got %zd", n);
+    const lean_linear_t *L = PyCapsule_GetPointer(a[0], "slimlm.lean_linear");
+    if (!L) return NULL;
+    const float *x = PyLong_AsVoidPtr(a[1]);
+    const int M = (int)PyLong_AsLong(a[2]);
+    float *y = PyLong_AsVoidPtr(a[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (M < 1 || M > LEAN_MAX_T)
+        return PyErr_Format(PyExc_ValueError, "lean_linear: %d rows, expected 1 to %d", M, LEAN_MAX_T);
+    Py_BEGIN_ALLOW_THREADS lean_linear(L, x, M, y);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 /* lean_step(plan, x, T, pos, kcache_ptrs, vcache_ptrs, cap): x (T, dim) float32 in place; *_ptrs: int64 (n_layers,) */
 static PyObject *py_lean_step(PyObject *self, PyObject *const *a, Py_ssize_t n) {
     if (n != 7) return PyErr_Format(PyExc_TypeError, "lean_step takes 7 arguments, got %zd", n);
@@ -233,6 +275,8 @@ static PyMethodDef methods[] = {
     {"has_vnni", py_has_vnni, METH_NOARGS, "whether the int8 path runs its AVX-512 VNNI kernel here"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run with"},
     {"lean_new", py_lean_new, METH_VARARGS, "the plan of a fused decode step (lean.c)"},
+    {"lean_linear_new", py_lean_linear_new, METH_VARARGS, "a single linear (the output head) for lean_linear"},
+    {"lean_linear", (PyCFunction)(void (*)(void))py_lean_linear, METH_FASTCALL, "y = linear(x) for up to LEAN_MAX_T rows"},
     {"lean_step", (PyCFunction)(void (*)(void))py_lean_step, METH_FASTCALL, "all blocks for up to LEAN_MAX_T tokens, in place"},
     {NULL, NULL, 0, NULL},
 };
