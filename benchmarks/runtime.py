@@ -112,8 +112,9 @@ def speculative(base, pair: str, ids: list[int], a) -> dict:
     target_lm = base if tname == "fp32" else compressed(tname)
     rt = RuntimeConfig(head_bits=8)
     target = LeanModel(target_lm.model, rt)
-    dbits, dgroup = (int(v) for v in draft_spec.split(","))
-    draft = LeanModel(draft_model(target_lm.model, bits=dbits, group=dgroup), rt)
+    dbits, dgroup, *dhead = (int(v) for v in draft_spec.split(","))
+    dhead = dhead[0] if dhead else 8
+    draft = LeanModel(draft_model(target_lm.model, bits=dbits, group=dgroup), RuntimeConfig(head_bits=dhead))
     cfg = GenerationConfig(max_new_tokens=a.spec_tokens)
     times = {"plain": [], "spec": [], "plain_e2e": [], "spec_e2e": []}
     for r in range(a.runs + 1):  # decode time from the end of the prompt (both models' prefill) to the last token
@@ -136,7 +137,7 @@ def speculative(base, pair: str, ids: list[int], a) -> dict:
             times["spec"].append(t2 - mark["p"])
             times["plain_e2e"].append(t1 - t0)
             times["spec_e2e"].append(t2 - t1)
-    row = dict(target=tname, draft=f"rtn {dbits}-bit g{dgroup}", k=k, tokens=a.spec_tokens, identical=out == plain,
+    row = dict(target=tname, draft=f"rtn {dbits}-bit g{dgroup}, head {dhead}-bit g64", k=k, tokens=a.spec_tokens, identical=out == plain,
                acceptance=stats.acceptance, mean_accepted_per_round=statistics.mean(stats.per_round),
                target_mb_per_token=target.bytes_per_token() / 1e6, draft_mb_per_token=draft.bytes_per_token() / 1e6,
                plain_decode_s=statistics.median(times["plain"]), spec_decode_s=statistics.median(times["spec"]),
@@ -156,11 +157,13 @@ def main():
     ap.add_argument("--k", type=int, default=4, help="tokens drafted per speculative round")
     ap.add_argument("--spec-tokens", type=int, default=64)
     ap.add_argument("--skip", nargs="*", default=[], help="engine names to leave out")
+    ap.add_argument("--only", nargs="*", default=[], help="engine names to keep (all when not given)")
     ap.add_argument("--out", help="also write the JSON result here")
     ap.add_argument("--spec-only", action="store_true", help="only the speculative-decoding measurement")
     ap.add_argument("--spec", nargs="*", default=["fp32:4,64", "w8g64:4,64", "w4g32:2,32"],
-                    help="speculative pairs TARGET:BITS,GROUP[:K] — target model (fp32 or a recipe name), draft = RTN "
-                         "bits,group of the target's own block linears; both with the 8-bit head")
+                    help="speculative pairs TARGET:BITS,GROUP[,HEAD][:K] — target model (fp32 or a recipe name, 8-bit "
+                         "head), draft = RTN bits,group of the target's own block linears with a HEAD-bit g64 head "
+                         "(default 8)")
     ap.add_argument("--pytorch", action="store_true", help="also time each model with the blocks in PyTorch (fused=False)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -179,8 +182,9 @@ def main():
             engines[f"{name} head4"] = LeanModel(lm.model, RuntimeConfig(head_bits=4, head_group=32))
         if a.pytorch:
             engines[f"{name} head8 pytorch"] = LeanModel(lm.model, RuntimeConfig(head_bits=8, fused=False))
-    engines = {k: v for k, v in engines.items() if k not in a.skip and not a.spec_only}
-    peers = {k: v for k, v in llama_cpp_models(a.threads).items() if k not in a.skip} if not a.spec_only else {}
+    keep = lambda k: k not in a.skip and (not a.only or k in a.only)  # noqa: E731
+    engines = {k: v for k, v in engines.items() if keep(k) and not a.spec_only}
+    peers = {k: v for k, v in llama_cpp_models(a.threads).items() if keep(k)} if not a.spec_only else {}
 
     res = {k: ([], []) for k in [*engines, *peers]}
     for r in range(a.runs + 1):  # interleaved: every engine once per round

@@ -8,6 +8,7 @@ and messages go to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -155,8 +156,9 @@ def cmd_generate(a) -> int:
         raise slimlm.SlimlmError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the model's "
                           f"({lm.model.config.vocab_size}); the draft must share the tokenizer")
     rt = runtime_config(a)
+    drt = dataclasses.replace(rt, head_bits=a.draft_head_bits) if a.draft_head_bits else rt
     stats = SpecStats()
-    ids = speculative_ids(LeanModel(lm.model, rt), LeanModel(draft, rt), chat_prompt(lm.tokenizer, a.prompt, not a.no_chat),
+    ids = speculative_ids(LeanModel(lm.model, rt), LeanModel(draft, drt), chat_prompt(lm.tokenizer, a.prompt, not a.no_chat),
                           cfg, k=a.draft_k, eos_ids=eos_ids(lm), stats=stats)
     stream_text(lm.tokenizer, ids, cfg.stop, on_text)
     print()
@@ -263,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding with a draft made here by RTN of this model's own block linears")
     g.add_argument("--draft-group", type=int, default=64, help="group size of that RTN draft")
     g.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round")
+    g.add_argument("--draft-head-bits", type=int, default=0,
+                   help="the draft's output head quantized to this many bits in the runtime (0: as --head-bits); "
+                        "the head is a large share of a small draft's bytes")
     add_runtime_flags(g)
     g.set_defaults(fn=cmd_generate)
 

@@ -42,6 +42,11 @@ def test_compress_eval_info_bench_generate(tiny_dir, tmp_path):
     assert "accepted (100%)" in err, err
     code, spec, err = run_cli("generate", out, "def f(x):", "--max-new-tokens", "5", "--no-chat", "--draft-bits", "3")
     assert code == 0 and spec == stdout and "speculative:" in err, err
+    code, spec, err = run_cli("generate", out, "def f(x):", "--max-new-tokens", "5", "--no-chat", "--draft-bits", "3",
+                              "--draft-head-bits", "4")
+    assert code == 0 and spec == stdout and "speculative:" in err, err
+    code, _, err = run_cli("generate", out, "x", "--draft-bits", "3", "--draft-head-bits", "1")
+    assert code != 0 and "head bits" in err
     code, _, err = run_cli("generate", out, "x", "--draft", out, "--draft-bits", "3")
     assert code != 0 and "not both" in err
 
