@@ -312,6 +312,8 @@ static int64_t decode_group(int mode, const uint8_t *s, int64_t nbytes, const in
     for (int j = 0; fast && j < LANES; j++)  /* a chunk reads at most chunk * L bits */
         fast = (int64_t)(((uint64_t)bounds[c0 + j] + (uint64_t)chunk * L) >> 3) + 8 <= nbytes;
     if (fast) {
+        if (mode != 0)  /* the group's raw bytes, read by the stores after the lookups */
+            for (int64_t b = 0; b < LANES * chunk; b += 64) __builtin_prefetch(raw + c0 * chunk + b, 0, 3);
         uint64_t pos[LANES];
         int64_t k[LANES];
         uint32_t alive = (1u << LANES) - 1, err = 0;
