@@ -110,9 +110,10 @@ def test_kernel_decodes_in_place_and_across_chunk_sizes(threads):
     sym = np.minimum(rng.geometric(0.5, size=(1 << 16) + 77), 200).astype(np.uint8)  # ~2-bit codes, many per lookup
     for chunk in (1, 5, 6, 7, 64, 256, _entropy.MAX_CHUNK):
         dec = _entropy.Decoder(_entropy.encode(sym, chunk=chunk))
-        out = np.full(sym.size, 0xAB, dtype=np.uint8)
-        assert dec.decode(out=out, threads=threads) is out and np.array_equal(out, sym)
-        assert np.array_equal(dec.decode(threads=threads), sym)  # a second decode with the kept tables
+        for simd in (True, False):  # AVX-512 gathers where the CPU has them, and the scalar lookups
+            out = np.full(sym.size, 0xAB, dtype=np.uint8)
+            assert dec.decode(out=out, threads=threads, simd=simd) is out and np.array_equal(out, sym)
+            assert np.array_equal(dec.decode(threads=threads, simd=simd), sym)  # again, with the kept tables
 
 
 # ---- corrupted streams -------------------------------------------------------------------------
@@ -123,9 +124,10 @@ def _coded(n=10_000, chunk=128):
     return _entropy.encode(np.minimum(rng.geometric(0.4, size=n), 40).astype(np.uint8), chunk=chunk)
 
 
+@pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("use_kernel", DECODERS)
 @pytest.mark.parametrize("damage", ["flip_chunk_bits", "truncate", "bad_table", "long_code", "chunk_count", "flip_stream"])
-def test_damaged_stream_raises(damage, use_kernel):
+def test_damaged_stream_raises(damage, use_kernel, simd):
     c = _coded()
     if damage == "flip_chunk_bits":  # one chunk said to be a bit longer, the next a bit shorter
         cb = c.chunk_bits.copy()
@@ -148,18 +150,19 @@ def test_damaged_stream_raises(damage, use_kernel):
         stream[len(stream) // 2] ^= 0x10
         c = _entropy.Coded(c.n, c.chunk, c.lengths, stream, c.chunk_bits)
     with pytest.raises(SlimlmError, match="corrupt"):
-        _entropy.decode(c, use_kernel=use_kernel)
+        _entropy.decode(c, use_kernel=use_kernel, simd=simd)
 
 
+@pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("use_kernel", DECODERS)
-def test_window_starting_no_code_raises(use_kernel):
+def test_window_starting_no_code_raises(use_kernel, simd):
     # one symbol: its code is "0" and a 1 bit starts no code (Kraft sum 1/2); the chunk table
     # still adds up, so only the decoder's lookups can tell
     c = _entropy.encode(np.zeros(4096, np.uint8), chunk=64)
     stream = c.stream.copy()
     stream[100] = 0xFF
     with pytest.raises(SlimlmError, match="corrupt"):
-        _entropy.decode(_entropy.Coded(c.n, c.chunk, c.lengths, stream, c.chunk_bits), use_kernel=use_kernel)
+        _entropy.decode(_entropy.Coded(c.n, c.chunk, c.lengths, stream, c.chunk_bits), use_kernel=use_kernel, simd=simd)
 
 
 @pytest.mark.parametrize("field", ["stream", "raw", "lengths", "chunk_bits"])

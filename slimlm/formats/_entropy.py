@@ -266,7 +266,8 @@ _KERNEL_SRC = r"""
 #define L %(L)d          /* longest code: one table index is the next L bits */
 #define MULTI %(MULTI)d  /* most symbols one table entry emits */
 #define MAX_CHUNK %(MAX_CHUNK)d
-#define LANES 8          /* chunks decoded interleaved by one thread */
+#define LANES 32         /* chunks decoded as one group by one thread */
+#define SUB 8            /* lanes interleaved by the scalar lookups */
 
 /* Next L bits at bit `pos` of the stream (read as big-endian 64 bits; 8 bytes must exist). */
 static inline uint32_t peek(const uint8_t *s, uint64_t pos) {
@@ -301,12 +302,103 @@ static inline void store(int mode, void *restrict out, int64_t i0, const uint8_t
     }
 }
 
+/* Whole-entry lookups of SUB lanes, one lookup per lane per round (SUB independent dependency
+   chains), while a lane has room for MULTI more symbols (k[j] <= stop): each entry's symbol
+   bytes land at buf + j * stride + k[j]. Lanes meeting a window that starts no code stop and
+   set their bit in *err. */
+static void lookups(const uint8_t *s, const uint64_t *tab, uint64_t *pos, int64_t *k, uint8_t *buf, int64_t stride,
+                    int64_t stop, uint32_t *err) {
+    uint32_t alive = (1u << SUB) - 1, e_bits = 0;
+    for (;;) {
+        uint32_t any = 0;
+        for (int j = 0; j < SUB; j++) {
+            uint64_t e = tab[peek(s, pos[j])];
+            memcpy(buf + j * stride + k[j], &e, 8);  /* all MULTI symbol bytes (and 2 more) */
+            uint32_t cnt = (uint32_t)(e >> 48) & 15, nb = (uint32_t)(e >> 52) & 15;
+            uint32_t act = ((alive >> j) & 1) & (uint32_t)(k[j] <= stop);
+            uint32_t bad = act & (uint32_t)(cnt == 0);
+            e_bits |= bad << j;
+            alive &= ~(bad << j);
+            k[j] += act ? cnt : 0;
+            pos[j] += act ? nb : 0;
+            any |= act;
+        }
+        if (!any) break;
+    }
+    *err |= e_bits;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+/* lookups() for all LANES lanes with AVX-512: 8 lanes per vector, LANES / 8 vectors in flight
+   so that the two gathers of a round (stream word, table entry) overlap across vectors. */
+AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_t *pos, int64_t *k, uint8_t *buf,
+                                  int64_t stride, int64_t stop, uint32_t *err) {
+    enum { V = LANES / 8 };
+    const __m512i bswap = _mm512_set_epi8(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7,
+                                          8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7,
+                                          8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7,
+                                          8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i seven = _mm512_set1_epi64(7), fifteen = _mm512_set1_epi64(15), stopv = _mm512_set1_epi64(stop);
+    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i p[V], kk[V], base[V];
+    __mmask8 alive[V], bad_all[V];
+    for (int v = 0; v < V; v++) {
+        p[v] = _mm512_loadu_si512(pos + 8 * v);
+        kk[v] = _mm512_loadu_si512(k + 8 * v);
+        base[v] = _mm512_mullo_epi64(_mm512_add_epi64(lane, _mm512_set1_epi64(8 * v)), _mm512_set1_epi64(stride));
+        alive[v] = 0xFF;
+        bad_all[v] = 0;
+    }
+    for (;;) {
+        __mmask8 any = 0;
+        for (int v = 0; v < V; v++) {
+            const __mmask8 act = alive[v] & _mm512_cmple_epi64_mask(kk[v], stopv);
+            any |= act;
+            if (!act) continue;
+            __m512i w = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), act, _mm512_srli_epi64(p[v], 3), s, 1);
+            w = _mm512_sllv_epi64(_mm512_shuffle_epi8(w, bswap), _mm512_and_si512(p[v], seven));
+            const __m512i e = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), act, _mm512_srli_epi64(w, 64 - L),
+                                                          tab, 8);
+            _mm512_mask_i64scatter_epi64(buf, act, _mm512_add_epi64(base[v], kk[v]), e, 1);
+            const __m512i cnt = _mm512_and_si512(_mm512_srli_epi64(e, 48), fifteen);
+            const __m512i nb = _mm512_and_si512(_mm512_srli_epi64(e, 52), fifteen);
+            const __mmask8 bad = act & _mm512_cmpeq_epi64_mask(cnt, _mm512_setzero_si512());
+            const __mmask8 ok = act & (__mmask8)~bad;
+            bad_all[v] |= bad;
+            alive[v] &= (__mmask8)~bad;
+            kk[v] = _mm512_mask_add_epi64(kk[v], ok, kk[v], cnt);
+            p[v] = _mm512_mask_add_epi64(p[v], ok, p[v], nb);
+        }
+        if (!any) break;
+    }
+    for (int v = 0; v < V; v++) {
+        _mm512_storeu_si512(pos + 8 * v, p[v]);
+        _mm512_storeu_si512(k + 8 * v, kk[v]);
+        *err |= (uint32_t)bad_all[v] << (8 * v);
+    }
+}
+
+static int has_avx512(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    }
+    return known;
+}
+#else
+static int has_avx512(void) { return 0; }
+#endif
+
 /* Decode chunks [c0, c0 + lanes); returns the first chunk that does not end where bounds[]
    says (or that met a window starting no code), or -1. */
 static int64_t decode_group(int mode, const uint8_t *s, int64_t nbytes, const int64_t *bounds, int64_t c0,
                             int lanes, int64_t n_chunks, int64_t chunk, int64_t n, const uint64_t *tab,
-                            void *out, const uint8_t *raw) {
-    uint8_t buf[LANES * (MAX_CHUNK + 8)];  /* each lane's symbols, then stored in one pass */
+                            void *out, const uint8_t *raw, int simd) {
+    uint8_t buf[LANES * (chunk + 8)];  /* each lane's symbols, then stored in one pass (chunk <= MAX_CHUNK) */
     const int64_t stride = chunk + 8;
     int fast = lanes == LANES && (c0 + LANES < n_chunks || n %% chunk == 0);  /* all chunks full */
     for (int j = 0; fast && j < LANES; j++)  /* a chunk reads at most chunk * L bits */
@@ -316,25 +408,19 @@ static int64_t decode_group(int mode, const uint8_t *s, int64_t nbytes, const in
             for (int64_t b = 0; b < LANES * chunk; b += 64) __builtin_prefetch(raw + c0 * chunk + b, 0, 3);
         uint64_t pos[LANES];
         int64_t k[LANES];
-        uint32_t alive = (1u << LANES) - 1, err = 0;
+        uint32_t err = 0;
         const int64_t stop = chunk - MULTI;  /* a lane takes whole entries while MULTI more fit */
         for (int j = 0; j < LANES; j++) { pos[j] = (uint64_t)bounds[c0 + j]; k[j] = 0; }
-        for (;;) {  /* one lookup per lane per round: LANES independent dependency chains */
-            uint32_t any = 0;
-            for (int j = 0; j < LANES; j++) {
-                uint64_t e = tab[peek(s, pos[j])];
-                memcpy(buf + j * stride + k[j], &e, 8);  /* all MULTI symbol bytes (and 2 more) */
-                uint32_t cnt = (uint32_t)(e >> 48) & 15, nb = (uint32_t)(e >> 52) & 15;
-                uint32_t act = ((alive >> j) & 1) & (uint32_t)(k[j] <= stop);
-                uint32_t bad = act & (uint32_t)(cnt == 0);
-                err |= bad << j;
-                alive &= ~(bad << j);
-                k[j] += act ? cnt : 0;
-                pos[j] += act ? nb : 0;
-                any |= act;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (simd && has_avx512())
+            lookups_avx512(s, tab, pos, k, buf, stride, stop, &err);
+        else
+#endif
+            for (int j0 = 0; j0 < LANES; j0 += SUB) {
+                uint32_t e = 0;
+                lookups(s, tab, pos + j0, k + j0, buf + j0 * stride, stride, stop, &e);
+                err |= e << j0;
             }
-            if (!any) break;
-        }
         int64_t first_bad = -1;
         for (int j = 0; j < LANES; j++) {  /* the last few symbols one at a time */
             uint8_t *b = buf + j * stride;
@@ -375,13 +461,13 @@ static int64_t decode_group(int mode, const uint8_t *s, int64_t nbytes, const in
    or the first chunk that does not end where bounds[] says (a damaged stream). */
 int64_t slimlm_huffman_decode(int mode, const uint8_t *s, int64_t nbytes, const int64_t *bounds, int64_t n_chunks,
                               int64_t chunk, int64_t n, const uint64_t *tab, void *out, const uint8_t *raw,
-                              int threads) {
+                              int threads, int simd) {
     int64_t groups = (n_chunks + LANES - 1) / LANES, first = INT64_MAX;
     (void)threads;
     #pragma omp parallel for schedule(static) num_threads(threads) reduction(min: first) if (threads > 1)
     for (int64_t g = 0; g < groups; g++) {
         int64_t c0 = g * LANES, lanes = n_chunks - c0 < LANES ? n_chunks - c0 : LANES;
-        int64_t bad = decode_group(mode, s, nbytes, bounds, c0, (int)lanes, n_chunks, chunk, n, tab, out, raw);
+        int64_t bad = decode_group(mode, s, nbytes, bounds, c0, (int)lanes, n_chunks, chunk, n, tab, out, raw, simd);
         if (bad >= 0 && bad < first) first = bad;
     }
     return first == INT64_MAX ? -1 : first;
@@ -435,7 +521,7 @@ def _kernel():
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    so.slimlm_huffman_decode.argtypes = [ctypes.c_int, p, i64, p, i64, i64, i64, p, p, p, ctypes.c_int]
+    so.slimlm_huffman_decode.argtypes = [ctypes.c_int, p, i64, p, i64, i64, i64, p, p, p, ctypes.c_int, ctypes.c_int]
     so.slimlm_huffman_decode.restype = i64
     so.slimlm_huffman_encode.argtypes = [p, i64, p, p, p]
     so.slimlm_huffman_encode.restype = None
@@ -456,6 +542,8 @@ class Decoder:
     decode is one call into the C kernel, writing into a buffer the caller may supply."""
 
     def __init__(self, c: Coded):
+        if c.n and not 1 <= c.chunk <= MAX_CHUNK:
+            raise SlimlmError(f"a coded stream's chunk size {c.chunk} is outside 1..{MAX_CHUNK}; the coded weights are corrupt")
         self.n, self.chunk = c.n, c.chunk
         self.bounds = _chunk_starts(c) if c.n else np.zeros(1, np.int64)  # (C + 1,) int64
         self.table = decode_table(c.lengths) if c.n else None  # (2^MAX_LEN,) uint16, validates the table
@@ -463,10 +551,11 @@ class Decoder:
         self._multi = None
 
     def decode(self, store: Store = Store.SYMBOLS, raw: np.ndarray | None = None, *, out: np.ndarray | None = None,
-               threads: int | None = None, use_kernel: bool = True) -> np.ndarray:
+               threads: int | None = None, use_kernel: bool = True, simd: bool = True) -> np.ndarray:
         """The n decoded elements (`store` says which) in `out` or a new array; raises
         SlimlmError when a chunk does not end where the chunk table says. `threads`
-        (default: torch's intra-op thread count) split the chunks of the C kernel."""
+        (default: torch's intra-op thread count) split the chunks of the C kernel; `simd`
+        False keeps it on its scalar lookups where it would use AVX-512 gathers."""
         dtype = STORE_DTYPE[store]
         if store is not Store.SYMBOLS and (raw is None or raw.size != self.n or raw.dtype != np.uint8):
             raise ValueError(f"storing {store.name} needs {self.n} raw uint8 bytes")
@@ -493,14 +582,14 @@ class Decoder:
         stream = self._coded.stream
         bad = k.decode(int(store), stream.ctypes.data, stream.size, self.bounds.ctypes.data, self.bounds.size - 1,
                        self.chunk, self.n, self._multi.ctypes.data, out.ctypes.data,
-                       None if raw is None else raw.ctypes.data, threads)
+                       None if raw is None else raw.ctypes.data, threads, int(simd))
         if bad >= 0:
             raise _corrupt_chunk(int(bad))
         return out
 
 
 def decode(c: Coded, use_kernel: bool = True, threads: int | None = None, store: Store = Store.SYMBOLS,
-           raw: np.ndarray | None = None) -> np.ndarray:
+           raw: np.ndarray | None = None, simd: bool = True) -> np.ndarray:
     """The n symbols (uint8) of `c`, or with `store` the words it describes; raises
     SlimlmError when the stream is inconsistent (see `Decoder.decode`)."""
-    return Decoder(c).decode(store, raw, threads=threads, use_kernel=use_kernel)
+    return Decoder(c).decode(store, raw, threads=threads, use_kernel=use_kernel, simd=simd)
