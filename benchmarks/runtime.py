@@ -33,7 +33,7 @@ from slimlm.eval.speed import peak_rss_bytes
 from slimlm.formats.store import save_compressed
 from slimlm.models import builtin_path
 from slimlm.runtime.generate import GenerationConfig
-from slimlm.runtime.lean import LeanModel, RuntimeConfig
+from slimlm.runtime.lean import LeanModel, RuntimeConfig, greedy
 from slimlm.runtime.speculative import SpecStats, draft_model, speculative_ids
 
 OUT = Path(__file__).parent / "out" / "runtime"
@@ -55,9 +55,9 @@ def time_lean(lean: LeanModel, ids: list[int], n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     logits = lean.prefill(ids)
     t1 = time.perf_counter()
-    tok = int(logits.argmax())
+    tok = greedy(logits)
     for _ in range(n):
-        tok = int(lean.step(tok).argmax())
+        tok = greedy(lean.step(tok))
     t2 = time.perf_counter()
     return len(ids) / (t1 - t0), n / (t2 - t1)
 
@@ -124,7 +124,7 @@ def speculative(base, pair: str, ids: list[int], a) -> dict:
         tp = time.perf_counter()
         plain = []
         for i in range(a.spec_tokens):
-            plain.append(int(logits.argmax()))
+            plain.append(greedy(logits))
             if i + 1 < a.spec_tokens:
                 logits = target.step(plain[-1])
         t1 = time.perf_counter()

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.runtime.lean import LeanModel, RuntimeConfig, supports
+from slimlm.runtime.lean import LeanModel, RuntimeConfig, greedy, supports
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> int:
     """One token id from (V,) logits."""
     if cfg.temperature == 0:
-        return int(logits.argmax())
+        return greedy(logits)
     return int(torch.multinomial(probs(logits, cfg), 1, generator=gen))
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.runtime.generate import GenerationConfig, probs
-from slimlm.runtime.lean import LeanModel, RuntimeConfig
+from slimlm.runtime.lean import LeanModel, RuntimeConfig, greedy
 
 
 @dataclass
@@ -74,7 +74,7 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
         raise SlimlmError(f"draft length k must be at least 1, got {k}")
     stats = stats if stats is not None else SpecStats()
     gen = torch.Generator().manual_seed(cfg.seed)
-    greedy = cfg.temperature == 0
+    is_greedy = cfg.temperature == 0
     target.reset()
     draft.reset()
     p_last = target.prefill(list(prompt_ids))  # target logits for the next position
@@ -89,8 +89,8 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
         # draft n tokens; q[i] is the draft distribution the i-th was drawn from
         toks, qs = [], []
         for i in range(n):
-            if greedy:
-                t = int(d_logits.argmax())
+            if is_greedy:
+                t = greedy(d_logits)
             else:
                 q = probs(d_logits, cfg)
                 t = int(torch.multinomial(q, 1, generator=gen))
@@ -106,11 +106,11 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
             p_all = torch.cat([p_last.unsqueeze(0), target.extend(toks, all_logits=True)])
         n_ok, extra = 0, None
         for i, t in enumerate(toks):
-            if greedy:
-                if int(p_all[i].argmax()) == t:
+            if is_greedy:
+                if greedy(p_all[i]) == t:
                     n_ok += 1
                     continue
-                extra = int(p_all[i].argmax())
+                extra = greedy(p_all[i])
                 break
             p = probs(p_all[i], cfg)
             if float(torch.rand((), generator=gen)) * float(qs[i][t]) < float(p[t]):  # u < p/q
@@ -120,7 +120,7 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
             extra = int(torch.multinomial(resid / resid.sum() if resid.sum() > 0 else p, 1, generator=gen))
             break
         if extra is None:  # all accepted: one more token from the target's last position
-            extra = int(p_all[n].argmax()) if greedy else int(torch.multinomial(probs(p_all[n], cfg), 1, generator=gen))
+            extra = greedy(p_all[n]) if is_greedy else int(torch.multinomial(probs(p_all[n], cfg), 1, generator=gen))
         stats.rounds += 1
         stats.drafted += n
         stats.accepted += n_ok
