@@ -14,6 +14,8 @@ a markdown table.
 compresses the q, k, gate and down projections of those blocks (Hessians from the
 calibration windows run through the uncompressed model), and the relative layer loss
 tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) is printed with the layer's bits per weight and the seconds.
+A codebook shared by role (`vq:...,share=role`) is trained on the first block given and
+reused by the later ones; the bits per weight of those count no codebook bit.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def layer_losses(recipes: list[str], blocks: list[int], windows: int, out: Path)
     model_blocks = lm.adapter.blocks(lm.model)
     inputs = BlockInputs(lm.model, model_blocks[0], calibration_windows(lm.tokenizer, text, windows, 512, 0))
     names = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
+    alive = []  # every packed layer stays referenced, so a codebook shared by role (vq share=role) is
+    # trained on the first block given and reused by the later ones, as in a compression run
     for b in range(max(blocks) + 1):
         if b in blocks:
             col = StatsCollector(model_blocks[b], {n: n for n in names}, True, True)
@@ -88,6 +92,7 @@ def layer_losses(recipes: list[str], blocks: list[int], windows: int, out: Path)
                 for stage in stages:
                     t0 = time.perf_counter()
                     p = stage.spec.fn(w, LayerStats(name=f"model.layers.{b}.{n}", **st), stage.config)
+                    alive.append(p)
                     row = dict(block=b, layer=n, recipe=stage.to_string(), bpw=p.nbits() / w.numel(),
                                rel_loss=layer_loss(w, p.dequantize(), st["hessian"]) / base,
                                seconds=round(time.perf_counter() - t0, 2), calib_windows=windows,

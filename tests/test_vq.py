@@ -6,7 +6,7 @@ from slimlm.formats.vq import Codebook, VectorQuant, index_bits, pack_indices, u
 from slimlm.methods import LayerStats, get_method, make_config
 from slimlm.methods._kmeans import layer_loss
 from slimlm.methods.affine import quantize_rtn
-from slimlm.methods.vq import VQConfig, role_of, vector_quantize
+from slimlm.methods.vq import VQConfig, nearest_entry, refit_codebook, role_of, vector_quantize
 
 
 def _gen(seed):
@@ -112,6 +112,47 @@ def test_feedback_lowers_the_layer_loss_and_beats_scalar_rtn():
     assert layer_loss(w, fb.dequantize(), h) < layer_loss(w, plain.dequantize(), h)
     assert layer_loss(w, fb.dequantize(), h) < layer_loss(w, rtn.dequantize(), h)
     assert fb.nbits() - fb.codebook.nbits() < rtn.nbits()  # with the codebook shared by other layers
+
+
+def test_nearest_entry_is_the_brute_force_argmin_across_chunks():
+    g = _gen(10)
+    x, c = torch.randn(150, 3, generator=g), torch.randn(512, 3, generator=g)
+    want = torch.cdist(x.double(), c.double()).argmin(1)
+    assert torch.equal(nearest_entry(x, c, chunk=64), want) and torch.equal(nearest_entry(x, c, chunk=1000), want)
+
+
+def test_codebook_refit_is_least_squares_for_fixed_indices():
+    h = _hessian(30, seed=6)
+    w = torch.randn(20, 30, generator=_gen(7))
+    p = vector_quantize(w, h, VQConfig(bits=2, dim=4, share="none", iters=3, keep=0))
+    idx, s, cb = p.int_indices(), p.scales.float(), p.codebook.decoded()
+    cb = torch.cat([cb[:-1], torch.full((1, 4), 7.0)])  # an entry no vector uses (256 entries, 160 vectors)
+    idx = idx.clamp(max=cb.shape[0] - 2)
+    c = refit_codebook(w, h, idx, s, cb)
+    assert torch.equal(c[-1], cb[-1])  # unused: left where it was
+
+    def loss(entries):
+        return layer_loss(w, entries[idx].reshape(20, -1)[:, :30] * s[:, None], h)
+
+    # the gradient of the loss in the entries vanishes: no entry can move to lower it
+    cd = c.double().requires_grad_()
+    e = w.double() - cd[idx].reshape(20, -1)[:, :30] * s.double()[:, None]
+    ((e @ h) * e).sum().backward()
+    assert cd.grad.abs().max() < 1e-6 * float((w.double() @ h * w.double()).sum())
+    assert loss(c) < loss(cb)
+
+
+def test_codebook_refit_rounds_lower_the_layer_loss_and_keep_the_bits():
+    h = _hessian(64, seed=8)
+    w = torch.randn(96, 64, generator=_gen(9))
+    losses, bits = [], set()
+    for refit in (0, 1, 2):
+        p = vector_quantize(w, h, VQConfig(bits=3, dim=2, share="none", iters=4, keep=0, refit=refit))
+        losses.append(layer_loss(w, p.dequantize(), h))
+        bits.add(p.nbits())
+    assert losses[1] < losses[0] and losses[2] < losses[0] and len(bits) == 1
+    with pytest.raises(SlimlmError, match="refit"):
+        VQConfig(refit=11)
 
 
 def test_vq_is_deterministic_with_a_seed():

@@ -12,8 +12,13 @@ unless `k` is given, so `bits` is the index cost per weight):
    (U: Cholesky factor of the inverse Hessian), and its error is pushed onto the columns
    not yet assigned. Vectors are visited in order of decreasing Hessian mass
    (`act_order`), which changes no stored bit;
-3. scales: each row's scale is refit by least squares in the Hessian metric;
-4. outliers (`keep=n`): the n input columns of largest E[x²] — the massive-activation
+3. codebook refit (`refit=n`, owner of the codebook only): the entries are refit by least
+   squares in the Hessian metric for the indices just chosen (the exact minimiser of the
+   layer loss over the codebook, by conjugate gradients); with n > 1 the indices are then
+   chosen again with feedback and the entries refit again, n refits in all, the last one
+   after the last assignment;
+4. scales: each row's scale is refit by least squares in the Hessian metric;
+5. outliers (`keep=n`): the n input columns of largest E[x²] — the massive-activation
    channels of MODEL-NOTES.md — are kept in fp16 and absorb the error of the coded
    columns they can cancel (`slimlm.methods._keep`); stored as `KeptColumns` around the
    `VectorQuant` of the other columns. Without it one coded column of block 28's
@@ -74,6 +79,7 @@ class VQConfig:
     iters: int = 8  # Lloyd iterations
     max_points: int = 32768  # vectors sampled to train a codebook
     keep: int = 2  # input columns of largest E[x²] kept in fp16 (see slimlm.methods._keep)
+    refit: int = 0  # least-squares codebook refits, each after an assignment (layers that own their codebook)
 
     def __post_init__(self):
         if not 1 <= self.dim <= 64:
@@ -86,6 +92,8 @@ class VQConfig:
         if not 0 <= self.damp < 10:
             raise SlimlmError(f"damp must be a small non-negative fraction such as 0.01, got {self.damp}")
         check_keep(self.keep)
+        if not 0 <= self.refit <= 10:
+            raise SlimlmError(f"refit rounds must be in 0..10, got {self.refit}")
         if not 0 <= self.iters <= 1000 or self.max_points < 1:
             raise SlimlmError(f"iters must be in 0..1000 and max_points ≥ 1, got {self.iters} and {self.max_points}")
 
@@ -162,6 +170,18 @@ def _vector_order(h_diag: torch.Tensor, inp: int, dim: int, act_order: bool) -> 
     return torch.cat([cols.reshape(-1), torch.arange(n_full * dim, inp)])
 
 
+def nearest_entry(x: torch.Tensor, c: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """argmin_j ‖x_i − c_j‖² for the rows of x (n, s) over entries c (k, s): (n,) int64.
+
+    ‖c_j‖² − 2 x_i·c_j, one addmm per chunk of rows so that the (chunk, k) distances stay
+    in cache: with k = 4096 this is ~5× faster than one (n, k) matrix (benchmarks/lowbit.md)."""
+    n2, ct = (c * c).sum(1), c.T.contiguous()  # (k,), (s, k)
+    best = torch.empty(x.shape[0], dtype=torch.long)
+    for i in range(0, x.shape[0], chunk):
+        best[i:i + chunk] = torch.addmm(n2, x[i:i + chunk], ct, alpha=-2).argmin(1)
+    return best
+
+
 def assign(w: torch.Tensor, h: torch.Tensor | None, scales: torch.Tensor, cb: torch.Tensor, config: VQConfig) -> torch.Tensor:
     """Indices (out, V) of codebook entries cb (k, dim) for w (out, in) with row scales (out,)."""
     out, inp = w.shape
@@ -181,9 +201,7 @@ def assign(w: torch.Tensor, h: torch.Tensor | None, scales: torch.Tensor, cb: to
     def quant(cols, first, uss):  # cols (out, s), s ≤ dim: one vector, the Hessian-optimal entry
         s = cols.shape[1]
         a = torch.linalg.solve_triangular(uss, torch.eye(s), upper=True)  # U_ss⁻¹ (s, s)
-        ca = cb[:, :s] @ a  # (k, s)
-        dist = (ca * ca).sum(1) - 2 * ((cols * inv_s) @ a) @ ca.T  # (out, k), up to a per-row constant
-        best = dist.argmin(1)
+        best = nearest_entry((cols * inv_s) @ a, cb[:, :s] @ a)  # Euclidean after the map by U_ss⁻¹
         idx[:, perm[first].item() // dim] = best
         return cb[best, :s] * scales[:, None]
 
@@ -197,6 +215,51 @@ def refit_scales(w: torch.Tensor, h: torch.Tensor | None, q_unit: torch.Tensor, 
     num, den = (w * qh).sum(1), (q_unit * qh).sum(1)
     s = torch.where(den > 0, num / den.clamp_min(1e-30), scales).clamp(-65504, 65504).half().float()
     return torch.where(s != 0, s, scales)
+
+
+def refit_codebook(w: torch.Tensor, h: torch.Tensor | None, idx: torch.Tensor, scales: torch.Tensor,
+                   cb: torch.Tensor, iters: int = 64, tol: float = 1e-5) -> torch.Tensor:
+    """Entries C (k, dim) minimising tr((W − Q) H (W − Q)ᵀ), Q[r, v·dim + t] = s_r·C[idx[r, v], t].
+
+    The loss is quadratic in C: its normal equations A(C) = B, with A(C) = Gᵀ(G(C)·H) and
+    B = Gᵀ(W·H), G the map entries -> (out, in) matrix and Gᵀ its adjoint (scale, then
+    sum by index), are solved by conjugate gradients from the current entries: one
+    (out, in) @ (in, in) product per step, no (k·dim)² matrix. Entries no vector uses
+    stay where they are. w (out, in), h (in, in) or None (identity), idx (out, V), scales (out,)."""
+    out, inp = w.shape
+    k, dim = cb.shape
+    flat = idx.reshape(-1)
+    hf = None if h is None else h.float()
+
+    def spread(c):  # (k, dim) -> (out, in)
+        return c[idx].reshape(out, -1)[:, :inp] * scales[:, None]
+
+    def gather(m):  # (out, in) -> (k, dim), the adjoint of spread
+        m = _vectors(m * scales[:, None], dim).reshape(-1, dim)
+        return torch.zeros(k, dim, dtype=m.dtype).index_add_(0, flat, m)
+
+    def apply(c):
+        q = spread(c)
+        return gather(q if hf is None else q @ hf)
+
+    c = cb.double()
+    b = gather(w if hf is None else w @ hf).double()
+    r = b - apply(c.float()).double()
+    p, rr = r.clone(), float((r * r).sum())
+    stop = tol ** 2 * float((b * b).sum())
+    for _ in range(iters):
+        if rr <= stop:
+            break
+        ap = apply(p.float()).double()
+        pap = float((p * ap).sum())
+        if pap <= 0:
+            break
+        alpha = rr / pap
+        c += alpha * p
+        r -= alpha * ap
+        rr, rr_old = float((r * r).sum()), rr
+        p = r + (rr / rr_old) * p
+    return c.float()
 
 
 def vector_quantize(w: torch.Tensor, h: torch.Tensor | None, config: VQConfig, seed: int = 0,
@@ -214,6 +277,11 @@ def vector_quantize(w: torch.Tensor, h: torch.Tensor | None, config: VQConfig, s
         book, owner = codebook, False
     cb = book.decoded()  # (k, dim)
     idx = assign(w, h, scales, cb, config)
+    for rnd in range(config.refit if owner else 0):  # entries refit to the indices, the indices chosen again
+        book = remember(Codebook.from_float(refit_codebook(w, h, idx, scales, cb), config.codebook.value))
+        cb = book.decoded()
+        if rnd < config.refit - 1:
+            idx = assign(w, h, scales, cb, config)
     q_unit = cb[idx].reshape(out, -1)[:, :inp]  # (out, in) before row scaling
     scales = refit_scales(w, h, q_unit, scales)
     return VectorQuant.from_indices(idx, scales, book, inp, owner=owner)
