@@ -192,6 +192,24 @@ static void attend_row(const float *qn, const float *K, const float *V, int L, i
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+/* e^x for the SiLU and the softmax: 2^(x·log2 e) split into 2^n · 2^f, f in [-0.5, 0.5], 2^f by a degree-6
+ * polynomial (relative error about 2e-7, like expf's float rounding); x clamped to ±88. */
+AVX512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n); /* 2^f = e^(f ln 2) */
+    const __m512 g = _mm512_mul_ps(f, _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* attend_row for hd = 64 with AVX-512: q in four registers, one key row per four FMAs and a
  * reduction, the output row in four accumulators (same operation order per lane as
  * attend_row's sums, which is not bit-identical to it: only to within rounding). */
@@ -209,7 +227,15 @@ AVX512 static void attend_row64_avx512(const float *qn, const float *K, const fl
         s[t] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
         mx = s[t] > mx ? s[t] : mx;
     }
-    for (int t = 0; t < L; t++) z += s[t] = expf(s[t] - mx);
+    __m512 zs = _mm512_setzero_ps();
+    const __m512 vmx = _mm512_set1_ps(mx);
+    for (int t = 0; t < L; t += 16) { /* e^(s - max), 16 positions per step */
+        const __mmask16 m = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), vmx));
+        _mm512_mask_storeu_ps(s + t, m, e);
+        zs = _mm512_add_ps(zs, _mm512_maskz_mov_ps(m, e));
+    }
+    z = _mm512_reduce_add_ps(zs);
     const float iz = 1.f / z;
     __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
     for (int t = 0; t < L; t++) {
@@ -224,24 +250,6 @@ AVX512 static void attend_row64_avx512(const float *qn, const float *K, const fl
     _mm512_storeu_ps(on + 16, o1);
     _mm512_storeu_ps(on + 32, o2);
     _mm512_storeu_ps(on + 48, o3);
-}
-
-/* e^x for the SiLU: 2^(x·log2 e) split into 2^n · 2^f, f in [-0.5, 0.5], 2^f by a degree-6
- * polynomial (relative error about 2e-7, like expf's float rounding); x clamped to ±88. */
-AVX512 static inline __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n); /* 2^f = e^(f ln 2) */
-    const __m512 g = _mm512_mul_ps(f, _mm512_set1_ps(0.693147180559945309f));
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* a[j] = silu(g[j]) · u[j] for j < n (a may be g). */
