@@ -95,8 +95,11 @@ def part_decode(args) -> dict:
         t_fp32 = _median_time(lambda: [p.dequantize() for p in packed], args.runs)
         t_bf16 = _median_time(lambda: [p.decode_native() for p in packed], args.runs)
         t_exp = _median_time(lambda: [p._exponents() for p in packed], args.runs)
+        t_scalar = _median_time(lambda: [p._decoder().decode(simd=False) for p in packed], args.runs)
         res[f"threads={threads}"] = dict(bf16_MBps=rate(t_bf16, 2), fp32_MBps=rate(t_fp32, 4),
-                                         exponents_Msym_per_s=round(n / t_exp / 1e6, 1), seconds_fp32=round(t_fp32, 3))
+                                         exponents_Msym_per_s=round(n / t_exp / 1e6, 1),
+                                         exponents_scalar_lookups_Msym_per_s=round(n / t_scalar / 1e6, 1),
+                                         seconds_fp32=round(t_fp32, 3))
     # peer in the same run: copying the same fp32 output (memory bandwidth of this moment)
     src = [np.empty(p.shape, np.float32) for p in packed]
     t_copy = _median_time(lambda: [s.copy() for s in src], args.runs)
