@@ -23,20 +23,28 @@ def _ids(n, seed=1):
     return torch.randint(0, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def _lean_error(m, ids, chunks, runtime=RuntimeConfig()):
+    """Largest |lean − transformers| over the logits of `ids`: the first chunks as batched
+    extends of the given lengths (a prompt, a verification batch), then one step per token."""
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0]
+    lean = LeanModel(m, runtime)
+    got, at = [], 0
+    for n in chunks:
+        got.append(lean.extend(ids[at:at + n], all_logits=True))
+        at += n
+    got.append(torch.stack([lean.step(t) for t in ids[at:]]))
+    return (torch.cat(got) - ref).abs().max(), lean
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_lean_logits_match_transformers(model_type, fused):
     """Both the PyTorch blocks and the fused C step (csrc/lean.c, dense float32 rows here):
     a 16-token first chunk, a 3-token chunk (speculative verification), then single steps."""
-    m = tiny_model(model_type).model
-    ids = _ids(24)
-    with torch.no_grad():
-        ref = m(torch.tensor([ids])).logits[0]
-    lean = LeanModel(m, RuntimeConfig(fused=fused))
+    err, lean = _lean_error(tiny_model(model_type).model, _ids(24), (16, 3), RuntimeConfig(fused=fused))
     assert lean.fused is fused
-    got = torch.cat([lean.extend(ids[:16], all_logits=True), lean.extend(ids[16:19], all_logits=True),
-                     torch.stack([lean.step(t) for t in ids[19:]])])
-    assert (got - ref).abs().max() < ATOL
+    assert err < ATOL
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -48,22 +56,17 @@ def test_sliding_window_layers_mask_old_keys(fused):
         ref = m(torch.tensor([ids])).logits[0]
         full = tiny_model("mistral").model(torch.tensor([ids])).logits[0]
     assert (full[12:] - ref[12:]).abs().max() > 0.01  # the window changes the logits
-    lean = LeanModel(m, RuntimeConfig(fused=fused))
-    got = torch.cat([lean.extend(ids[:10], all_logits=True), torch.stack([lean.step(t) for t in ids[10:]])])
-    assert (got - ref).abs().max() < ATOL
+    err, _ = _lean_error(m, ids, (10,), RuntimeConfig(fused=fused))
+    assert err < ATOL
 
 
 def test_fused_dense_rows_with_odd_widths():
     """Widths that are not multiples of 16 (72, 100) and 5 output rows per head group: the
     fused step's masked row tails and leftover rows against transformers."""
     m = tiny_model("llama", hidden_size=72, intermediate_size=100, num_attention_heads=4, num_key_value_heads=1).model
-    ids = _ids(10)
-    with torch.no_grad():
-        ref = m(torch.tensor([ids])).logits[0]
-    lean = LeanModel(m, RuntimeConfig())
+    err, lean = _lean_error(m, _ids(10), (5,))
     assert lean.fused
-    got = torch.cat([lean.extend(ids[:5], all_logits=True), torch.stack([lean.step(t) for t in ids[5:]])])
-    assert (got - ref).abs().max() < ATOL
+    assert err < ATOL
 
 
 @pytest.mark.parametrize("window", [None, 8])
@@ -73,13 +76,9 @@ def test_fused_attention_with_head_dim_64(window):
     kw = dict(sliding_window=window) if window else {}
     m = tiny_model("mistral", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, **kw).model
     assert m.config.hidden_size // m.config.num_attention_heads == 64
-    ids = _ids(24)
-    with torch.no_grad():
-        ref = m(torch.tensor([ids])).logits[0]
-    lean = LeanModel(m, RuntimeConfig())
+    err, lean = _lean_error(m, _ids(24), (9,))
     assert lean.fused
-    got = torch.cat([lean.extend(ids[:9], all_logits=True), torch.stack([lean.step(t) for t in ids[9:]])])
-    assert (got - ref).abs().max() < ATOL
+    assert err < ATOL
 
 
 def test_fused_head_equals_the_module_head():
