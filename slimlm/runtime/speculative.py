@@ -107,10 +107,11 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
         n_ok, extra = 0, None
         for i, t in enumerate(toks):
             if is_greedy:
-                if greedy(p_all[i]) == t:
+                best = greedy(p_all[i])
+                if best == t:
                     n_ok += 1
                     continue
-                extra = greedy(p_all[i])
+                extra = best
                 break
             p = probs(p_all[i], cfg)
             if float(torch.rand((), generator=gen)) * float(qs[i][t]) < float(p[t]):  # u < p/q

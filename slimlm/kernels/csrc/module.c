@@ -206,11 +206,14 @@ fail:
 }
 
 /* A single linear (the output head) as lean_step runs its block linears. */
-static void lean_linear_free(PyObject *cap) {
-    lean_linear_t *L = PyCapsule_GetPointer(cap, "slimlm.lean_linear");
-    if (!L) return;
+static void linear_destroy(lean_linear_t *L) {
     intq_i8_release(L->prep);
     free(L);
+}
+
+static void lean_linear_free(PyObject *cap) {
+    lean_linear_t *L = PyCapsule_GetPointer(cap, "slimlm.lean_linear");
+    if (L) linear_destroy(L);
 }
 
 /* lean_linear_new(linear) -> capsule; linear as in lean_new's layers. */
@@ -220,15 +223,11 @@ static PyObject *py_lean_linear_new(PyObject *self, PyObject *args) {
     lean_linear_t *L = calloc(1, sizeof *L);
     if (!L) return PyErr_NoMemory();
     if (parse_linear(t, L)) {
-        intq_i8_release(L->prep);
-        free(L);
+        linear_destroy(L);
         return NULL;
     }
     PyObject *cap = PyCapsule_New(L, "slimlm.lean_linear", lean_linear_free);
-    if (!cap) {
-        intq_i8_release(L->prep);
-        free(L);
-    }
+    if (!cap) linear_destroy(L);
     return cap;
 }
 
