@@ -62,10 +62,11 @@ def time_lean(lean: LeanModel, ids: list[int], n: int) -> tuple[float, float]:
     return len(ids) / (t1 - t0), n / (t2 - t1)
 
 
-def llama_cpp_models(threads: int) -> dict:
+def llama_cpp_models(threads: int, keep=lambda name: True) -> dict:
     """llama.cpp Q8_0 and Q4_0, each loaded twice: plain CPU buffers (prefill and decode) and with
     its extra buffer types (AMX / repacked layouts), which on this machine crash on batches of
-    more than one token (benchmarks/_llama.py), so that copy is timed on decode only."""
+    more than one token (benchmarks/_llama.py), so that copy is timed on decode only. Only the
+    names `keep` accepts are loaded."""
     try:
         import llama_cpp
     except ImportError:
@@ -74,6 +75,8 @@ def llama_cpp_models(threads: int) -> dict:
 
     out = {}
     for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+        if not (keep(name) or keep(f"{name} repack")):
+            continue
         path = OUT / f"{name.split()[-1]}.gguf"
         if not path.exists():
             params = llama_cpp.llama_model_quantize_default_params()
@@ -84,8 +87,10 @@ def llama_cpp_models(threads: int) -> dict:
             if rc != 0:
                 raise RuntimeError(f"llama_model_quantize failed ({rc}) for {name}")
         kw = dict(n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512)
-        out[name] = (load(path, extra_bufts=False, **kw), path.stat().st_size, True)
-        out[f"{name} repack"] = (load(path, extra_bufts=True, **kw), path.stat().st_size, False)
+        if keep(name):
+            out[name] = (load(path, extra_bufts=False, **kw), path.stat().st_size, True)
+        if keep(f"{name} repack"):
+            out[f"{name} repack"] = (load(path, extra_bufts=True, **kw), path.stat().st_size, False)
     return out
 
 
@@ -172,19 +177,24 @@ def main():
     base = slimlm.load("smollm2-135m")
     tok = base.tokenizer
     ids = tok(corpus_text("evaluation")[:20000], add_special_tokens=False)["input_ids"][: a.prompt_tokens]
-    engines = {"fp32": LeanModel(base.model, RuntimeConfig()),
-               "fp32 head8": LeanModel(base.model, RuntimeConfig(head_bits=8))}
+    # (model, runtime) of every engine by name; only the kept ones are loaded (compressed on first use)
+    specs = {"fp32": ("fp32", RuntimeConfig()), "fp32 head8": ("fp32", RuntimeConfig(head_bits=8))}
     for name in RECIPES:
-        lm = compressed(name)
-        engines[name] = LeanModel(lm.model, RuntimeConfig())
-        engines[f"{name} head8"] = LeanModel(lm.model, RuntimeConfig(head_bits=8))
+        specs[name] = (name, RuntimeConfig())
+        specs[f"{name} head8"] = (name, RuntimeConfig(head_bits=8))
         if name == "w2g32":
-            engines[f"{name} head4"] = LeanModel(lm.model, RuntimeConfig(head_bits=4, head_group=32))
+            specs[f"{name} head4"] = (name, RuntimeConfig(head_bits=4, head_group=32))
         if a.pytorch:
-            engines[f"{name} head8 pytorch"] = LeanModel(lm.model, RuntimeConfig(head_bits=8, fused=False))
-    keep = lambda k: k not in a.skip and (not a.only or k in a.only)  # noqa: E731
-    engines = {k: v for k, v in engines.items() if keep(k) and not a.spec_only}
-    peers = {k: v for k, v in llama_cpp_models(a.threads).items() if keep(k)} if not a.spec_only else {}
+            specs[f"{name} head8 pytorch"] = (name, RuntimeConfig(head_bits=8, fused=False))
+    keep = lambda k: k not in a.skip and (not a.only or k in a.only) and not a.spec_only  # noqa: E731
+    models = {"fp32": base}
+    engines = {}
+    for k, (model, rt) in specs.items():
+        if keep(k):
+            if model not in models:
+                models[model] = compressed(model)
+            engines[k] = LeanModel(models[model].model, rt)
+    peers = llama_cpp_models(a.threads, keep)
 
     res = {k: ([], []) for k in [*engines, *peers]}
     for r in range(a.runs + 1):  # interleaved: every engine once per round
