@@ -252,26 +252,25 @@ AVX512 static void attend_row64_avx512(const float *qn, const float *K, const fl
     _mm512_storeu_ps(on + 48, o3);
 }
 
-/* a[j] = silu(g[j]) · u[j] for j < n (a may be g). */
-AVX512 static void silu_mul_avx512(const float *g, const float *u, float *a, int n) {
+/* silu_mul for the whole vectors of 16 among the n; returns how many it did. */
+AVX512 static int silu_mul_avx512(const float *g, const float *u, float *a, int n) {
     int j = 0;
     for (; j + 16 <= n; j += 16) {
         const __m512 gv = _mm512_loadu_ps(g + j), one = _mm512_set1_ps(1.f);
         const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
         _mm512_storeu_ps(a + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
     }
-    for (; j < n; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+    return j;
 }
 #endif
 
+/* a[j] = silu(g[j]) · u[j] for j < n (a may be g, or lie below it: each a[j] is written after g[j] and u[j] are read). */
 static void silu_mul(const float *g, const float *u, float *a, int n) {
+    int j = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (intq_has_avx512()) {
-        silu_mul_avx512(g, u, a, n);
-        return;
-    }
+    if (intq_has_avx512()) j = silu_mul_avx512(g, u, a, n);
 #endif
-    for (int j = 0; j < n; j++) {
+    for (; j < n; j++) {
         const float gj = g[j];
         a[j] = gj / (1.f + expf(-gj)) * u[j];
     }
