@@ -142,10 +142,15 @@ def constriction_peer(packed: list[LosslessFloat], runs: int) -> dict:
 # ---- generation ---------------------------------------------------------------------------------
 
 
+def _decode_each(layers) -> None:
+    for m in layers:
+        m.packed.dequantize_as(torch.bfloat16)
+
+
 def part_generate(args) -> dict:
     """Decode tokens/s of the BF16 model and of its lossless copy (every linear decoded just before
-    it runs, every forward), on the same runtime path (transformers), interleaved round by round
-    so the VM's drifting speed hits both alike; the ratio is taken per round."""
+    it runs, every forward), on the same runtime path (`generate_ids`), interleaved round by
+    round so the VM's drifting speed hits both alike; the ratio is taken per round."""
     import copy
 
     from slimlm.compress import compress_model
@@ -160,14 +165,17 @@ def part_generate(args) -> dict:
     keep = ("prefill_tps", "decode_tps")
     rounds = []
     for _ in range(args.runs):
-        row = {name: {f: round(v[f], 2) for f in keep} for name, v in
-               (("bf16", bench_model(bf16, lm.tokenizer, **kw)), ("lossless_per_forward", bench_model(coded, lm.tokenizer, **kw)))}
-        # the decoding alone: every block linear once, as one token's forward decodes them
-        row["decode_all_layers_ms"] = round(1e3 * _median_time(lambda: [m.packed.dequantize_as(torch.bfloat16) for m in layers], 3), 1)
+        row = {"bf16": bench_model(bf16, lm.tokenizer, **kw),
+               "lossless_per_forward": bench_model(coded, lm.tokenizer, **kw)}
+        runtime = row["bf16"]["runtime"]
+        row = {name: {f: round(v[f], 2) for f in keep} for name, v in row.items()}
+        # the decoding alone: every block linear once, as one token's forward decodes them (each
+        # weight dropped before the next is decoded, as in the forward)
+        row["decode_all_layers_ms"] = round(1e3 * _median_time(lambda: _decode_each(layers), 3), 1)
         row["decode_ratio"] = round(row["lossless_per_forward"]["decode_tps"] / row["bf16"]["decode_tps"], 4)
         rounds.append(row)
     return dict(rounds=rounds, threads=2, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                runtime="transformers", weights=sum(m.in_features * m.out_features for m in layers),
+                runtime=runtime, weights=sum(m.in_features * m.out_features for m in layers),
                 decode_ratio_median=statistics.median(r["decode_ratio"] for r in rounds))
 
 

@@ -62,13 +62,14 @@ def test_coder_round_trip(n, chunk, alphabet, use_kernel):
     assert c.nbits() == 8 * (c.lengths.size + c.stream.size) + 16 * c.chunk_bits.size
 
 
-def test_kernel_and_reference_coders_agree():
+@pytest.mark.parametrize("n,chunk", [(400_000, 64), (400_007, 100)])  # whole vectors only; tails in every chunk
+def test_kernel_and_reference_coders_agree(n, chunk):
     if not _entropy.kernel_available():
         pytest.skip("no C compiler: only the reference decoder exists here")
     rng = np.random.default_rng(1)
-    sym = np.minimum(rng.geometric(0.3, size=400_000), 255).astype(np.uint8)
-    c = _entropy.encode(sym, chunk=64)
-    ref = _entropy.encode(sym, chunk=64, use_kernel=False)
+    sym = np.minimum(rng.geometric(0.3, size=n), 255).astype(np.uint8)
+    c = _entropy.encode(sym, chunk=chunk)
+    ref = _entropy.encode(sym, chunk=chunk, use_kernel=False)
     assert np.array_equal(c.stream, ref.stream) and np.array_equal(c.chunk_bits, ref.chunk_bits)
     for threads in (1, 2):
         assert np.array_equal(_entropy.decode(c, True, threads), _entropy.decode(c, False))
@@ -77,6 +78,7 @@ def test_kernel_and_reference_coders_agree():
     for store in (_entropy.Store.BF16, _entropy.Store.BF16_AS_F32):
         fused = _entropy.decode(c, True, 2, store, raw)
         assert fused.dtype == _entropy.STORE_DTYPE[store]
+        assert np.array_equal(fused, _entropy.decode(c, True, 2, store, raw, simd=False))  # AVX-512 and scalar stores
         assert np.array_equal(fused, _entropy.decode(c, False, store=store, raw=raw))
         bf16 = fused if store is _entropy.Store.BF16 else (fused >> 16).astype(np.uint16)
         assert np.array_equal(bf16 & 0x7F, raw & 0x7F) and np.array_equal(bf16 >> 15, raw >> 7)
@@ -126,7 +128,8 @@ def _coded(n=10_000, chunk=128):
 
 @pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("use_kernel", DECODERS)
-@pytest.mark.parametrize("damage", ["flip_chunk_bits", "truncate", "bad_table", "long_code", "chunk_count", "flip_stream"])
+@pytest.mark.parametrize("damage", ["flip_chunk_bits", "truncate", "bad_table", "long_code", "chunk_count", "flip_stream",
+                                    "flip_last_chunk"])
 def test_damaged_stream_raises(damage, use_kernel, simd):
     c = _coded()
     if damage == "flip_chunk_bits":  # one chunk said to be a bit longer, the next a bit shorter
@@ -145,9 +148,10 @@ def test_damaged_stream_raises(damage, use_kernel, simd):
         c = _entropy.Coded(c.n, c.chunk, lengths, c.stream, c.chunk_bits)
     elif damage == "chunk_count":
         c = _entropy.Coded(c.n, c.chunk, c.lengths, c.stream, c.chunk_bits[:-1])
-    else:  # a flipped stream bit shifts code boundaries; some chunk then ends elsewhere
+    else:  # a flipped stream bit shifts code boundaries; some chunk then ends elsewhere (in the
+        # middle: a chunk of the interleaved lookups; near the end: one decoded with checked reads)
         stream = c.stream.copy()
-        stream[len(stream) // 2] ^= 0x10
+        stream[len(stream) // 2 if damage == "flip_stream" else -3] ^= 0x10
         c = _entropy.Coded(c.n, c.chunk, c.lengths, stream, c.chunk_bits)
     with pytest.raises(SlimlmError, match="corrupt"):
         _entropy.decode(c, use_kernel=use_kernel, simd=simd)

@@ -266,7 +266,7 @@ _KERNEL_SRC = r"""
 #define L %(L)d          /* longest code: one table index is the next L bits */
 #define MULTI %(MULTI)d  /* most symbols one table entry emits */
 #define MAX_CHUNK %(MAX_CHUNK)d
-#define LANES 32         /* chunks decoded as one group by one thread */
+#define LANES 32         /* chunks decoded as one group by one thread (at most 32: a lane mask is 32 bits) */
 #define SUB 8            /* lanes interleaved by the scalar lookups */
 
 /* Next L bits at bit `pos` of the stream (read as big-endian 64 bits; 8 bytes must exist). */
@@ -284,63 +284,110 @@ static inline uint32_t peek_safe(const uint8_t *s, int64_t nbytes, uint64_t pos)
     return (uint32_t)((w << (pos & 7)) >> (64 - L));
 }
 
+/* One decoded element: the exponent between the raw byte's sign (bit 7) and mantissa (bits 0-6). */
+#define BF16_BITS(sym, r) ((((uint32_t)(r) & 0x80u) << 8) | ((uint32_t)(sym) << 7) | ((uint32_t)(r) & 0x7Fu))
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+static int has_avx512(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    }
+    return known;
+}
+
+/* The bfloat16 (mode 1) or widened float32 (mode 2) stores of store(), 32 or 16 elements a step;
+   returns how many elements it wrote (a multiple of the step; the caller finishes the rest). */
+AVX512 static int64_t store_avx512(int mode, void *restrict out, const uint8_t *restrict sym, int64_t count,
+                                   const uint8_t *restrict r) {
+    int64_t k = 0;
+    if (mode == 1) {
+        const __m512i sign = _mm512_set1_epi16(0x80), mant = _mm512_set1_epi16(0x7F);
+        for (; k + 32 <= count; k += 32) {
+            __m512i e = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(sym + k)));
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(r + k)));
+            __m512i w = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(b, sign), 8),
+                                        _mm512_or_si512(_mm512_slli_epi16(e, 7), _mm512_and_si512(b, mant)));
+            _mm512_storeu_si512((uint16_t *)out + k, w);
+        }
+    } else {
+        const __m512i sign = _mm512_set1_epi32(0x80), mant = _mm512_set1_epi32(0x7F);
+        for (; k + 16 <= count; k += 16) {
+            __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sym + k)));
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r + k)));
+            __m512i w = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(b, sign), 8),
+                                        _mm512_or_si512(_mm512_slli_epi32(e, 7), _mm512_and_si512(b, mant)));
+            _mm512_storeu_si512((uint32_t *)out + k, _mm512_slli_epi32(w, 16));
+        }
+    }
+    return k;
+}
+#else
+static int has_avx512(void) { return 0; }
+#endif
+
 /* Write `count` decoded symbols as output elements i0.. (the Store modes of _entropy.py). */
 static inline void store(int mode, void *restrict out, int64_t i0, const uint8_t *restrict sym, int64_t count,
-                         const uint8_t *restrict raw) {
+                         const uint8_t *restrict raw, int simd) {
     if (mode == 0) {
         memcpy((uint8_t *)out + i0, sym, (size_t)count);
-    } else if (mode == 1) {
+        return;
+    }
+    const uint8_t *restrict r = raw + i0;
+    int64_t k = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (simd && has_avx512())
+        k = store_avx512(mode, mode == 1 ? (void *)((uint16_t *)out + i0) : (void *)((uint32_t *)out + i0), sym, count, r);
+#endif
+    if (mode == 1) {
         uint16_t *restrict o = (uint16_t *)out + i0;
-        const uint8_t *restrict r = raw + i0;
-        for (int64_t k = 0; k < count; k++)
-            o[k] = (uint16_t)(((r[k] & 0x80u) << 8) | ((uint32_t)sym[k] << 7) | (r[k] & 0x7Fu));
+        for (; k < count; k++) o[k] = (uint16_t)BF16_BITS(sym[k], r[k]);
     } else {
         uint32_t *restrict o = (uint32_t *)out + i0;
-        const uint8_t *restrict r = raw + i0;
-        for (int64_t k = 0; k < count; k++)
-            o[k] = (((r[k] & 0x80u) << 8) | ((uint32_t)sym[k] << 7) | (r[k] & 0x7Fu)) << 16;
+        for (; k < count; k++) o[k] = BF16_BITS(sym[k], r[k]) << 16;
     }
 }
 
 /* Whole-entry lookups of SUB lanes, one lookup per lane per round (SUB independent dependency
-   chains), while a lane has room for MULTI more symbols (k[j] <= stop): each entry's symbol
-   bytes land at buf + j * stride + k[j]. Lanes meeting a window that starts no code stop and
-   set their bit in *err. */
+   chains): a lane takes an entry while its symbols fit in the chunk (k[j] + count <= chunk),
+   its symbol bytes landing at buf + j * stride + k[j] (all 8 bytes are written; the buffer has
+   room). Lanes meeting a window that starts no code stop and set their bit in *err. */
 static void lookups(const uint8_t *s, const uint64_t *tab, uint64_t *pos, int64_t *k, uint8_t *buf, int64_t stride,
-                    int64_t stop, uint32_t *err) {
-    uint32_t alive = (1u << SUB) - 1, e_bits = 0;
-    for (;;) {
-        uint32_t any = 0;
+                    int64_t chunk, uint32_t live, uint32_t *err) {
+    uint32_t alive = live & ((1u << SUB) - 1), e_bits = 0;
+    while (alive) {
         for (int j = 0; j < SUB; j++) {
             uint64_t e = tab[peek(s, pos[j])];
             memcpy(buf + j * stride + k[j], &e, 8);  /* all MULTI symbol bytes (and 2 more) */
             uint32_t cnt = (uint32_t)(e >> 48) & 15, nb = (uint32_t)(e >> 52) & 15;
-            uint32_t act = ((alive >> j) & 1) & (uint32_t)(k[j] <= stop);
+            uint32_t act = (alive >> j) & 1;
             uint32_t bad = act & (uint32_t)(cnt == 0);
+            uint32_t fits = act & (uint32_t)(cnt != 0) & (uint32_t)(k[j] + cnt <= chunk);
             e_bits |= bad << j;
-            alive &= ~(bad << j);
-            k[j] += act ? cnt : 0;
-            pos[j] += act ? nb : 0;
-            any |= act;
+            alive &= ~((act & ~fits) << j);
+            k[j] += fits ? cnt : 0;
+            pos[j] += fits ? nb : 0;
         }
-        if (!any) break;
     }
     *err |= e_bits;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 /* lookups() for all LANES lanes with AVX-512: 8 lanes per vector, LANES / 8 vectors in flight
    so that the two gathers of a round (stream word, table entry) overlap across vectors. */
 AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_t *pos, int64_t *k, uint8_t *buf,
-                                  int64_t stride, int64_t stop, uint32_t *err) {
+                                  int64_t stride, int64_t chunk, uint32_t live, uint32_t *err, const uint8_t *pf,
+                                  const uint8_t *pf_end) {
     enum { V = LANES / 8 };
     const __m512i bswap = _mm512_set_epi8(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7,
                                           8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7,
                                           8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7,
                                           8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m512i seven = _mm512_set1_epi64(7), fifteen = _mm512_set1_epi64(15), stopv = _mm512_set1_epi64(stop);
+    const __m512i seven = _mm512_set1_epi64(7), fifteen = _mm512_set1_epi64(15), chunkv = _mm512_set1_epi64(chunk);
     const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
     __m512i p[V], kk[V], base[V];
     __mmask8 alive[V], bad_all[V];
@@ -348,13 +395,18 @@ AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_
         p[v] = _mm512_loadu_si512(pos + 8 * v);
         kk[v] = _mm512_loadu_si512(k + 8 * v);
         base[v] = _mm512_mullo_epi64(_mm512_add_epi64(lane, _mm512_set1_epi64(8 * v)), _mm512_set1_epi64(stride));
-        alive[v] = 0xFF;
+        alive[v] = (__mmask8)(live >> (8 * v));
         bad_all[v] = 0;
     }
     for (;;) {
         __mmask8 any = 0;
+        if (pf < pf_end) {  /* spread over the rounds: the raw bytes the store pass will read */
+            __builtin_prefetch(pf, 0, 3);
+            __builtin_prefetch(pf + 64, 0, 3);
+            pf += 128;
+        }
         for (int v = 0; v < V; v++) {
-            const __mmask8 act = alive[v] & _mm512_cmple_epi64_mask(kk[v], stopv);
+            const __mmask8 act = alive[v];
             any |= act;
             if (!act) continue;
             __m512i w = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), act, _mm512_srli_epi64(p[v], 3), s, 1);
@@ -365,9 +417,9 @@ AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_
             const __m512i cnt = _mm512_and_si512(_mm512_srli_epi64(e, 48), fifteen);
             const __m512i nb = _mm512_and_si512(_mm512_srli_epi64(e, 52), fifteen);
             const __mmask8 bad = act & _mm512_cmpeq_epi64_mask(cnt, _mm512_setzero_si512());
-            const __mmask8 ok = act & (__mmask8)~bad;
+            const __mmask8 ok = act & (__mmask8)~bad & _mm512_cmple_epi64_mask(_mm512_add_epi64(kk[v], cnt), chunkv);
             bad_all[v] |= bad;
-            alive[v] &= (__mmask8)~bad;
+            alive[v] = ok;  /* a lane whose next entry overflows its chunk is done */
             kk[v] = _mm512_mask_add_epi64(kk[v], ok, kk[v], cnt);
             p[v] = _mm512_mask_add_epi64(p[v], ok, p[v], nb);
         }
@@ -379,79 +431,80 @@ AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_
         *err |= (uint32_t)bad_all[v] << (8 * v);
     }
 }
-
-static int has_avx512(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    }
-    return known;
-}
-#else
-static int has_avx512(void) { return 0; }
 #endif
 
+/* Decode one chunk symbol by symbol with bounds-checked reads (a short last chunk, or one whose
+   reads could pass the stream's end) into b; returns its end bit, or UINT64_MAX when a window
+   started no code or a code ran past the stream. */
+static uint64_t decode_checked(const uint8_t *s, int64_t nbytes, const uint64_t *tab, uint64_t p, int64_t count,
+                               uint8_t *b) {
+    int ok = 1;
+    for (int64_t kk = 0; kk < count; kk++) {
+        uint64_t e = tab[peek_safe(s, nbytes, p)];
+        uint32_t len = (uint32_t)(e >> 56) & 15;
+        ok &= len != 0 && p + len <= (uint64_t)nbytes * 8;
+        b[kk] = (uint8_t)e;
+        p += len;
+    }
+    return ok ? p : UINT64_MAX;
+}
+
 /* Decode chunks [c0, c0 + lanes); returns the first chunk that does not end where bounds[]
-   says (or that met a window starting no code), or -1. */
+   says (or that met a window starting no code), or -1. Full chunks whose reads stay inside
+   the stream (all but the last few of a stream) take the interleaved lookups; the rest, and
+   the lanes missing from a short last group, are decoded one symbol at a time, checked. */
 static int64_t decode_group(int mode, const uint8_t *s, int64_t nbytes, const int64_t *bounds, int64_t c0,
                             int lanes, int64_t n_chunks, int64_t chunk, int64_t n, const uint64_t *tab,
                             void *out, const uint8_t *raw, int simd) {
     uint8_t buf[LANES * (chunk + 8)];  /* each lane's symbols, then stored in one pass (chunk <= MAX_CHUNK) */
     const int64_t stride = chunk + 8;
-    int fast = lanes == LANES && (c0 + LANES < n_chunks || n %% chunk == 0);  /* all chunks full */
-    for (int j = 0; fast && j < LANES; j++)  /* a chunk reads at most chunk * L bits */
-        fast = (int64_t)(((uint64_t)bounds[c0 + j] + (uint64_t)chunk * L) >> 3) + 8 <= nbytes;
-    if (fast) {
-        if (mode != 0)  /* the group's raw bytes, read by the stores after the lookups */
-            for (int64_t b = 0; b < LANES * chunk; b += 64) __builtin_prefetch(raw + c0 * chunk + b, 0, 3);
-        uint64_t pos[LANES];
-        int64_t k[LANES];
-        uint32_t err = 0;
-        const int64_t stop = chunk - MULTI;  /* a lane takes whole entries while MULTI more fit */
-        for (int j = 0; j < LANES; j++) { pos[j] = (uint64_t)bounds[c0 + j]; k[j] = 0; }
+    int fast = lanes;  /* lanes [0, fast) are full chunks that read at most chunk * L bits inside the stream */
+    if (c0 + lanes == n_chunks && n %% chunk) fast = lanes - 1;
+    while (fast > 0 && (int64_t)(((uint64_t)bounds[c0 + fast - 1] + (uint64_t)chunk * L) >> 3) + 8 > nbytes) fast--;
+    uint64_t pos[LANES];
+    int64_t k[LANES];
+    uint32_t err = 0;
+    if (fast > 0) {
+        const uint8_t *pf = mode != 0 ? raw + c0 * chunk : NULL, *pf_end = pf ? pf + fast * chunk : NULL;
+        const uint32_t live = fast == 32 ? ~0u : (1u << fast) - 1;  /* lanes past `fast` sit idle */
+        for (int j = 0; j < LANES; j++) {
+            pos[j] = (uint64_t)bounds[c0 + (j < fast ? j : 0)];
+            k[j] = 0;
+        }
 #if defined(__x86_64__) && defined(__GNUC__)
         if (simd && has_avx512())
-            lookups_avx512(s, tab, pos, k, buf, stride, stop, &err);
+            lookups_avx512(s, tab, pos, k, buf, stride, chunk, live, &err, pf, pf_end);
         else
 #endif
+        {
+            for (int64_t b = 0; pf && b < fast * chunk; b += 64) __builtin_prefetch(pf + b, 0, 3);
             for (int j0 = 0; j0 < LANES; j0 += SUB) {
                 uint32_t e = 0;
-                lookups(s, tab, pos + j0, k + j0, buf + j0 * stride, stride, stop, &e);
+                lookups(s, tab, pos + j0, k + j0, buf + j0 * stride, stride, chunk, live >> j0, &e);
                 err |= e << j0;
             }
-        int64_t first_bad = -1;
-        for (int j = 0; j < LANES; j++) {  /* the last few symbols one at a time */
-            uint8_t *b = buf + j * stride;
-            uint64_t p = pos[j];
-            for (int64_t kk = k[j]; kk < chunk; kk++) {
+        }
+    }
+    int64_t first_bad = -1;
+    for (int j = 0; j < lanes; j++) {
+        const int64_t c = c0 + j, count = (c == n_chunks - 1) ? n - c * chunk : chunk;
+        uint8_t *b = buf + j * stride;
+        uint64_t p;
+        if (j < fast) {
+            p = pos[j];
+            for (int64_t kk = k[j]; kk < chunk; kk++) {  /* the symbols of an entry that overflowed the chunk */
                 uint64_t e = tab[peek(s, p)];
                 uint32_t len = (uint32_t)(e >> 56) & 15;
                 err |= (uint32_t)(len == 0) << j;
                 b[kk] = (uint8_t)e;
                 p += len;
             }
-            if (first_bad < 0 && (((err >> j) & 1) || (int64_t)p != bounds[c0 + j + 1])) first_bad = c0 + j;
-            store(mode, out, (c0 + j) * chunk, b, chunk, raw);
+            if ((err >> j) & 1) p = UINT64_MAX;
+        } else {
+            p = decode_checked(s, nbytes, tab, (uint64_t)bounds[c], count, b);
         }
-        return first_bad;
-    }
-    int64_t first_bad = -1;
-    for (int j = 0; j < lanes; j++) {  /* checked path: the stream's end, a short last chunk */
-        int64_t c = c0 + j, count = (c == n_chunks - 1) ? n - c * chunk : chunk;
-        uint8_t *b = buf;
-        uint64_t p = (uint64_t)bounds[c];
-        int ok = 1;
-        for (int64_t kk = 0; kk < count; kk++) {
-            uint64_t e = tab[peek_safe(s, nbytes, p)];
-            uint32_t len = (uint32_t)(e >> 56) & 15;
-            ok &= len != 0 && p + len <= (uint64_t)nbytes * 8;
-            b[kk] = (uint8_t)e;
-            p += len;
-        }
-        if (first_bad < 0 && (!ok || (int64_t)p != bounds[c + 1])) first_bad = c;
-        store(mode, out, c * chunk, b, count, raw);
+        if (first_bad < 0 && p != (uint64_t)bounds[c + 1]) first_bad = c;
+        store(mode, out, c * chunk, b, count, raw, simd);
     }
     return first_bad;
 }
