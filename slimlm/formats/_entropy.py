@@ -378,7 +378,7 @@ static void lookups(const uint8_t *s, const uint64_t *tab, uint64_t *pos, int64_
 
 #if defined(__x86_64__) && defined(__GNUC__)
 /* lookups() for all LANES lanes with AVX-512: 8 lanes per vector, LANES / 8 vectors in flight
-   so that the two gathers of a round (stream word, table entry) overlap across vectors. */
+   so that the gathers (stream words, table entries) overlap across vectors. */
 AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_t *pos, int64_t *k, uint8_t *buf,
                                   int64_t stride, int64_t chunk, uint32_t live, uint32_t *err, const uint8_t *pf,
                                   const uint8_t *pf_end) {
@@ -401,29 +401,36 @@ AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_
     for (;;) {
         __mmask8 any = 0;
         if (pf < pf_end) {  /* spread over the rounds: the raw bytes the store pass will read */
-            __builtin_prefetch(pf, 0, 3);
-            __builtin_prefetch(pf + 64, 0, 3);
-            pf += 128;
+            for (int b = 0; b < 256; b += 64) __builtin_prefetch(pf + b, 0, 3);
+            pf += 256;
         }
+        /* one stream gather serves two lookups: 64 bits from byte pos / 8, shifted by pos mod 8,
+           hold at least 57 valid bits, and two entries take at most 2 * L = 24 of them */
+        __m512i bits[V];
         for (int v = 0; v < V; v++) {
-            const __mmask8 act = alive[v];
-            any |= act;
-            if (!act) continue;
-            __m512i w = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), act, _mm512_srli_epi64(p[v], 3), s, 1);
-            w = _mm512_sllv_epi64(_mm512_shuffle_epi8(w, bswap), _mm512_and_si512(p[v], seven));
-            const __m512i e = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), act, _mm512_srli_epi64(w, 64 - L),
-                                                          tab, 8);
-            _mm512_mask_i64scatter_epi64(buf, act, _mm512_add_epi64(base[v], kk[v]), e, 1);
-            const __m512i cnt = _mm512_and_si512(_mm512_srli_epi64(e, 48), fifteen);
-            const __m512i nb = _mm512_and_si512(_mm512_srli_epi64(e, 52), fifteen);
-            const __mmask8 bad = act & _mm512_cmpeq_epi64_mask(cnt, _mm512_setzero_si512());
-            const __mmask8 ok = act & (__mmask8)~bad & _mm512_cmple_epi64_mask(_mm512_add_epi64(kk[v], cnt), chunkv);
-            bad_all[v] |= bad;
-            alive[v] = ok;  /* a lane whose next entry overflows its chunk is done */
-            kk[v] = _mm512_mask_add_epi64(kk[v], ok, kk[v], cnt);
-            p[v] = _mm512_mask_add_epi64(p[v], ok, p[v], nb);
+            any |= alive[v];
+            __m512i w = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), alive[v], _mm512_srli_epi64(p[v], 3), s, 1);
+            bits[v] = _mm512_sllv_epi64(_mm512_shuffle_epi8(w, bswap), _mm512_and_si512(p[v], seven));
         }
         if (!any) break;
+        for (int r = 0; r < 2; r++) {
+            for (int v = 0; v < V; v++) {
+                const __mmask8 act = alive[v];
+                if (!act) continue;
+                const __m512i e = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), act,
+                                                              _mm512_srli_epi64(bits[v], 64 - L), tab, 8);
+                _mm512_mask_i64scatter_epi64(buf, act, _mm512_add_epi64(base[v], kk[v]), e, 1);
+                const __m512i cnt = _mm512_and_si512(_mm512_srli_epi64(e, 48), fifteen);
+                const __m512i nb = _mm512_and_si512(_mm512_srli_epi64(e, 52), fifteen);
+                const __mmask8 bad = act & _mm512_cmpeq_epi64_mask(cnt, _mm512_setzero_si512());
+                const __mmask8 ok = act & (__mmask8)~bad & _mm512_cmple_epi64_mask(_mm512_add_epi64(kk[v], cnt), chunkv);
+                bad_all[v] |= bad;
+                alive[v] = ok;  /* a lane whose next entry overflows its chunk is done */
+                kk[v] = _mm512_mask_add_epi64(kk[v], ok, kk[v], cnt);
+                p[v] = _mm512_mask_add_epi64(p[v], ok, p[v], nb);
+                bits[v] = _mm512_sllv_epi64(bits[v], nb);
+            }
+        }
     }
     for (int v = 0; v < V; v++) {
         _mm512_storeu_si512(pos + 8 * v, p[v]);
