@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/runtime.py --threads 2 --prompt-tokens 128 --decode-tokens 64 --runs 3
 
 Models (compressed once into benchmarks/out/, RTN of the block linears): fp32, w8 g64,
-w4 g32, w4 g64, w2 g32, w2 g64, each with the output head kept fp32 and quantized to 8 bits
+w4 g32, w4 g64, w4 g32 symmetric (w4g32s: llama.cpp Q4_0's layout, one fp16 scale per 32
+weights, 4.5 bits), w2 g32, w2 g64, each with the output head kept fp32 and quantized to 8 bits
 in the runtime (`--pytorch`: also with the blocks run in PyTorch instead of the fused C
 step); llama.cpp Q8_0 and Q4_0 requantized from the embedded GGUF with
 `llama_cpp.llama_model_quantize` (skipped when llama-cpp-python is not installed).
@@ -38,7 +39,7 @@ from slimlm.runtime.speculative import SpecStats, draft_model, speculative_ids
 
 OUT = Path(__file__).parent / "out" / "runtime"
 RECIPES = {"w8g64": "rtn:bits=8,group=64", "w4g32": "rtn:bits=4,group=32", "w4g64": "rtn:bits=4,group=64",
-           "w2g32": "rtn:bits=2,group=32", "w2g64": "rtn:bits=2,group=64"}
+           "w4g32s": "rtn:bits=4,group=32,sym=true", "w2g32": "rtn:bits=2,group=32", "w2g64": "rtn:bits=2,group=64"}
 
 
 def compressed(name: str):

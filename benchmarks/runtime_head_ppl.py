@@ -3,8 +3,8 @@
 
     .venv/bin/python benchmarks/runtime_head_ppl.py [--tokens 1024] [--out FILE]
 
-For the fp32 model and the RTN w4g32 / w4g64 models of benchmarks/runtime.py (w4g32 is the
-embedded model's own grid, so its weights equal the reference's), with the output head kept
+For the fp32 model and the RTN w4g32 / w4g64 / w4g32s (symmetric) models of benchmarks/runtime.py
+(w4g32 is the embedded model's own grid, so its weights equal the reference's), with the output head kept
 or quantized to 8 bits, each on both kernel paths: `int8` (activations rounded to int8 per
 32-column block, the default) and `float` (exact float activations). kernel=cpu puts every
 IntQuant product, whatever its row count, on the C kernels, so a 512-token window computes
@@ -55,7 +55,7 @@ def main() -> None:
         print(json.dumps({"ppl": measure(a.one[0], int(a.one[1]), a.tokens)}))
         return
     rows = []
-    for model in ("fp32", "w4g32", "w4g64"):
+    for model in ("fp32", "w4g32", "w4g64", "w4g32s"):
         for head in (0, 8):
             for path in ("float", "int8"):
                 if model == "fp32" and head == 0 and path == "int8":

@@ -189,12 +189,35 @@ TARGET INLINE void chunk(const intq_t *W, const intq_x8_t *X, int r, int nr, int
     for (; j < nr; j++) rows_block(W, X, r + j, 1, m0, MT, bits, y);
 }
 
-/* Rows [r0, r1) against one tile of activation rows (M <= 4): a tight loop over blocks of rows. */
+/* Rows ahead of the current block whose codes, scales and minimums are prefetched into L2: the
+ * hardware prefetcher alone leaves a decode step's product short of the memory bandwidth (a
+ * whole step is a stream of weights read once). 64 rows measured best or within noise of it
+ * for 2-, 4- and 8-bit models (32 to 256 tried; +20-29 % tokens/s at 2 and 4 bits, +8 % at 8). */
+#define PF_ROWS 64
+
+/* Prefetch the codes, scales and minimums of rows [r, r + n). */
+TARGET INLINE void prefetch_rows(const intq_t *W, int r, int n, size_t row_bytes) {
+    const char *c = (const char *)(W->codes + (size_t)r * row_bytes);
+    for (size_t b = 0; b < n * row_bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
+    const size_t pb = (size_t)n * W->G * sizeof(uint16_t);
+    const char *sc = (const char *)(W->scales + (size_t)r * W->G), *mn = W->mins ? (const char *)(W->mins + (size_t)r * W->G) : NULL;
+    for (size_t b = 0; b < pb; b += 64) {
+        __builtin_prefetch(sc + b, 0, 2);
+        if (mn) __builtin_prefetch(mn + b, 0, 2);
+    }
+}
+
+/* Rows [r0, r1) against one tile of activation rows (M <= 4): a tight loop over blocks of rows,
+ * each prefetching the block PF_ROWS rows ahead. */
 TARGET INLINE void rows_mt(const intq_t *W, const intq_x8_t *X, int r0, int r1, const int MT, const int bits,
                            float *y) {
     const int NR = MT == 1 ? 4 : 2;
+    const size_t row_bytes = (size_t)W->row_codes * bits / 8;
     int r = r0;
-    for (; r + NR <= r1; r += NR) rows_block(W, X, r, NR, 0, MT, bits, y);
+    for (; r + NR <= r1; r += NR) {
+        if (r + PF_ROWS + NR <= r1) prefetch_rows(W, r + PF_ROWS, NR, row_bytes);
+        rows_block(W, X, r, NR, 0, MT, bits, y);
+    }
     for (; r < r1; r++) rows_block(W, X, r, 1, 0, MT, bits, y);
 }
 
