@@ -440,20 +440,27 @@ AVX512 static void lookups_avx512(const uint8_t *s, const uint64_t *tab, uint64_
 }
 #endif
 
-/* Decode one chunk symbol by symbol with bounds-checked reads (a short last chunk, or one whose
-   reads could pass the stream's end) into b; returns its end bit, or UINT64_MAX when a window
+/* Decode one chunk whose reads could pass the stream's end (or a short last chunk) into b (room
+   for count + 8 bytes), whole table entries while they fit and then symbol by symbol, reading
+   past the end only through peek_safe; returns its end bit, or UINT64_MAX when a window
    started no code or a code ran past the stream. */
 static uint64_t decode_checked(const uint8_t *s, int64_t nbytes, const uint64_t *tab, uint64_t p, int64_t count,
                                uint8_t *b) {
-    int ok = 1;
-    for (int64_t kk = 0; kk < count; kk++) {
-        uint64_t e = tab[peek_safe(s, nbytes, p)];
-        uint32_t len = (uint32_t)(e >> 56) & 15;
-        ok &= len != 0 && p + len <= (uint64_t)nbytes * 8;
-        b[kk] = (uint8_t)e;
-        p += len;
+    for (int64_t kk = 0; kk < count;) {
+        const uint64_t e = tab[(int64_t)(p >> 3) + 8 <= nbytes ? peek(s, p) : peek_safe(s, nbytes, p)];
+        const uint32_t cnt = (uint32_t)(e >> 48) & 15, len = (uint32_t)(e >> 56) & 15;
+        if (cnt == 0) return UINT64_MAX;
+        if (kk + cnt <= count) {  /* the entry's codes are the chunk's next ones */
+            memcpy(b + kk, &e, 8);
+            kk += cnt;
+            p += (e >> 52) & 15;
+        } else {
+            b[kk++] = (uint8_t)e;
+            p += len;
+        }
+        if (p > (uint64_t)nbytes * 8) return UINT64_MAX;
     }
-    return ok ? p : UINT64_MAX;
+    return p;
 }
 
 /* Decode chunks [c0, c0 + lanes); returns the first chunk that does not end where bounds[]
@@ -609,6 +616,7 @@ class Decoder:
         self.table = decode_table(c.lengths) if c.n else None  # (2^MAX_LEN,) uint16, validates the table
         self._coded = c
         self._multi = None
+        self._call = None  # the kernel call's fixed leading arguments, built on the first kernel decode
 
     def decode(self, store: Store = Store.SYMBOLS, raw: np.ndarray | None = None, *, out: np.ndarray | None = None,
                threads: int | None = None, use_kernel: bool = True, simd: bool = True) -> np.ndarray:
@@ -632,20 +640,31 @@ class Decoder:
                 raise _corrupt_chunk(int(np.nonzero(ends != self.bounds[1:])[0][0]))
             out[...] = store.apply(sym, raw)
             return out
-        if self._multi is None:
-            self._multi = multi_table(self._coded.lengths)
+        self.decode_into(store, out.ctypes.data, None if raw is None else raw.ctypes.data, threads, simd)
+        return out
+
+    def decode_into(self, store: Store, out_ptr: int, raw_ptr: int | None, threads: int | None = None,
+                    simd: bool = True) -> None:
+        """The C kernel's decode into memory the caller owns and has checked (`out_ptr`: n
+        elements of `store`'s dtype; `raw_ptr`: n bytes, or None for SYMBOLS): `decode`
+        without its checks and array handling, which cost more than decoding a small layer."""
+        if self._call is None:
+            k = _kernel()
+            if k is None:
+                raise RuntimeError("decode_into needs the C kernel")
+            self._multi = multi_table(self._coded.lengths) if self._multi is None else self._multi
+            stream = self._coded.stream
+            self._call = (k.decode, stream.ctypes.data, stream.size, self.bounds.ctypes.data, self.bounds.size - 1,
+                          self.chunk, self.n, self._multi.ctypes.data)
         if threads is None:
             import torch
 
             threads = torch.get_num_threads()
         threads = max(1, threads) if self.n >= PARALLEL_MIN else 1
-        stream = self._coded.stream
-        bad = k.decode(int(store), stream.ctypes.data, stream.size, self.bounds.ctypes.data, self.bounds.size - 1,
-                       self.chunk, self.n, self._multi.ctypes.data, out.ctypes.data,
-                       None if raw is None else raw.ctypes.data, threads, int(simd))
+        fn, *fixed = self._call
+        bad = fn(int(store), *fixed, out_ptr, raw_ptr, threads, int(simd))
         if bad >= 0:
             raise _corrupt_chunk(int(bad))
-        return out
 
 
 def decode(c: Coded, use_kernel: bool = True, threads: int | None = None, store: Store = Store.SYMBOLS,

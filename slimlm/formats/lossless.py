@@ -167,7 +167,11 @@ class LosslessFloat:
         and mantissa bits of the raw byte (fused into the decoder's store)."""
         bits = torch.empty(self.shape, dtype=torch.int32 if wide else torch.int16)
         store = _entropy.Store.BF16_AS_F32 if wide else _entropy.Store.BF16
-        self._decoder().decode(store, _np(self.raw)[0], out=bits.numpy().reshape(-1).view(np.uint32 if wide else np.uint16))
+        dec = self._decoder()
+        if dec.n and self.raw.is_contiguous() and _entropy.kernel_available():  # one call: this runs at every forward
+            dec.decode_into(store, bits.data_ptr(), self.raw.data_ptr())
+        else:
+            dec.decode(store, _np(self.raw)[0], out=bits.numpy().reshape(-1).view(np.uint32 if wide else np.uint16))
         return bits
 
     def decode_native(self) -> torch.Tensor:
