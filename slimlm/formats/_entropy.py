@@ -300,28 +300,23 @@ static int has_avx512(void) {
     return known;
 }
 
-/* The bfloat16 (mode 1) or widened float32 (mode 2) stores of store(), 32 or 16 elements a step;
-   returns how many elements it wrote (a multiple of the step; the caller finishes the rest). */
+/* The bfloat16 (mode 1) or widened float32 (mode 2) stores of store(), 32 elements a step;
+   returns how many elements it wrote (a multiple of 32; the caller finishes the rest). */
 AVX512 static int64_t store_avx512(int mode, void *restrict out, const uint8_t *restrict sym, int64_t count,
                                    const uint8_t *restrict r) {
+    const __m512i sign = _mm512_set1_epi16(0x80), mant = _mm512_set1_epi16(0x7F);
     int64_t k = 0;
-    if (mode == 1) {
-        const __m512i sign = _mm512_set1_epi16(0x80), mant = _mm512_set1_epi16(0x7F);
-        for (; k + 32 <= count; k += 32) {
-            __m512i e = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(sym + k)));
-            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(r + k)));
-            __m512i w = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(b, sign), 8),
-                                        _mm512_or_si512(_mm512_slli_epi16(e, 7), _mm512_and_si512(b, mant)));
+    for (; k + 32 <= count; k += 32) {
+        const __m512i e = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(sym + k)));
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(r + k)));
+        const __m512i w = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(b, sign), 8),
+                                          _mm512_or_si512(_mm512_slli_epi16(e, 7), _mm512_and_si512(b, mant)));
+        if (mode == 1) {
             _mm512_storeu_si512((uint16_t *)out + k, w);
-        }
-    } else {
-        const __m512i sign = _mm512_set1_epi32(0x80), mant = _mm512_set1_epi32(0x7F);
-        for (; k + 16 <= count; k += 16) {
-            __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sym + k)));
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r + k)));
-            __m512i w = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(b, sign), 8),
-                                        _mm512_or_si512(_mm512_slli_epi32(e, 7), _mm512_and_si512(b, mant)));
-            _mm512_storeu_si512((uint32_t *)out + k, _mm512_slli_epi32(w, 16));
+        } else {  /* float32 bits: each bfloat16 word in the high half */
+            uint32_t *o = (uint32_t *)out + k;
+            _mm512_storeu_si512(o, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+            _mm512_storeu_si512(o + 16, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
         }
     }
     return k;
