@@ -200,7 +200,8 @@ TARGET INLINE void prefetch_rows(const intq_t *W, int r, int n, size_t row_bytes
     const char *c = (const char *)(W->codes + (size_t)r * row_bytes);
     for (size_t b = 0; b < n * row_bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
     const size_t pb = (size_t)n * W->G * sizeof(uint16_t);
-    const char *sc = (const char *)(W->scales + (size_t)r * W->G), *mn = W->mins ? (const char *)(W->mins + (size_t)r * W->G) : NULL;
+    const char *sc = (const char *)(W->scales + (size_t)r * W->G);
+    const char *mn = W->mins ? (const char *)(W->mins + (size_t)r * W->G) : NULL;
     for (size_t b = 0; b < pb; b += 64) {
         __builtin_prefetch(sc + b, 0, 2);
         if (mn) __builtin_prefetch(mn + b, 0, 2);
