@@ -6,8 +6,9 @@ Models (compressed once into benchmarks/out/, RTN of the block linears): fp32, w
 w4 g32, w4 g64, w4 g32 symmetric (w4g32s: llama.cpp Q4_0's layout, one fp16 scale per 32
 weights, 4.5 bits), w2 g32, w2 g64, each with the output head kept fp32 and quantized to 8 bits
 in the runtime (`--pytorch`: also with the blocks run in PyTorch instead of the fused C
-step); llama.cpp Q8_0 and Q4_0 requantized from the embedded GGUF with
-`llama_cpp.llama_model_quantize` (skipped when llama-cpp-python is not installed).
+step); llama.cpp Q8_0, Q4_0 and Q4_1 (the layout of w4g32: fp16 scale and minimum per 32)
+requantized from the embedded GGUF with `llama_cpp.llama_model_quantize` (skipped when
+llama-cpp-python is not installed).
 Then self-speculative decoding for each `--spec` pair: a target (head 8-bit) and a draft
 made by RTN of the target's own block linears, k drafted tokens per round; greedy output
 compared with plain greedy. Note: w4 g32 reproduces the embedded model's weights exactly
@@ -64,7 +65,7 @@ def time_lean(lean: LeanModel, ids: list[int], n: int) -> tuple[float, float]:
 
 
 def llama_cpp_models(threads: int, keep=lambda name: True) -> dict:
-    """llama.cpp Q8_0 and Q4_0, each loaded twice: plain CPU buffers (prefill and decode) and with
+    """llama.cpp Q8_0, Q4_0 and Q4_1, each loaded twice: plain CPU buffers (prefill and decode) and with
     its extra buffer types (AMX / repacked layouts), which on this machine crash on batches of
     more than one token (benchmarks/_llama.py), so that copy is timed on decode only. Only the
     names `keep` accepts are loaded."""
@@ -75,7 +76,8 @@ def llama_cpp_models(threads: int, keep=lambda name: True) -> dict:
     from _llama import load
 
     out = {}
-    for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+    for name, ftype in (("llama.cpp Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("llama.cpp Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
+                        ("llama.cpp Q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1)):
         if not (keep(name) or keep(f"{name} repack")):
             continue
         path = OUT / f"{name.split()[-1]}.gguf"
