@@ -53,6 +53,11 @@ from slimlm.methods._keep import check_keep, check_keep_fits, with_kept_columns
 from slimlm.methods._kmeans import assign_weighted, feedback_quantize, inverse_hessian_factor, weighted_kmeans
 from slimlm.methods.registry import register
 
+# What sweeps and the demo run (slimlm.fit.presets): the best measured recipes at 3 and 2 bits
+# (benchmarks/lowbit.md), not one per bit width — dim 4 at 3 bits (4,096 entries) compressed
+# for 21 minutes in the demo and scored worse than dim 3 with a refit codebook.
+PRESETS = ("vq:bits=3,dim=3,codebook=int8,refit=1", "vq:bits=2+vq:bits=3,dim=2@*.v_proj")
+
 
 class Share(str, Enum):
     ROLE = "role"  # one codebook per layer role (same name up to the block index)
