@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.runtime.generate import GenerationConfig, probs
+from slimlm.runtime.generate import GenerationConfig, probs, sample_next
 from slimlm.runtime.lean import LeanModel, RuntimeConfig, greedy
 
 
@@ -121,7 +121,7 @@ def speculative_ids(target: LeanModel, draft: LeanModel, prompt_ids: list[int], 
             extra = int(torch.multinomial(resid / resid.sum() if resid.sum() > 0 else p, 1, generator=gen))
             break
         if extra is None:  # all accepted: one more token from the target's last position
-            extra = greedy(p_all[n]) if is_greedy else int(torch.multinomial(probs(p_all[n], cfg), 1, generator=gen))
+            extra = sample_next(p_all[n], cfg, gen)
         stats.rounds += 1
         stats.drafted += n
         stats.accepted += n_ok
