@@ -111,6 +111,23 @@ class IntQuant:
             return (q - float(1 << (self.bits - 1))) * s
         return q * s + expand_groups(self.mins[idx].float(), self.group, self.in_features)
 
+    def row_chunks(self, rows: int) -> list["IntQuant"]:
+        """This matrix as IntQuants of `rows` (rounded down to a multiple of 8) consecutive rows
+        each, the last one shorter: views of its codes, scales and minimums, nothing copied;
+        stacked in order they are this matrix. Building a kernel chunk by chunk keeps the
+        repacking's temporaries (int32 codes) to one chunk's size."""
+        step = max(8, rows // 8 * 8)  # 8 rows of codes always fill whole bytes
+        if self.out_features <= step:
+            return [self]
+        nb = step * self.in_features * self.bits // 8  # bytes of one chunk's codes
+        out = []
+        for i, r0 in enumerate(range(0, self.out_features, step)):
+            r1 = min(r0 + step, self.out_features)
+            codes = self.codes[i * nb: i * nb + bitpack.packed_nbytes((r1 - r0) * self.in_features, self.bits)]
+            out.append(IntQuant(r1 - r0, self.in_features, self.bits, self.group, self.symmetric, codes,
+                                self.scales[r0:r1], None if self.mins is None else self.mins[r0:r1]))
+        return out
+
     def nbits(self) -> int:
         n = stored_bits(self.codes) + stored_bits(self.scales)
         return n + (stored_bits(self.mins) if self.mins is not None else 0)

@@ -27,6 +27,7 @@ from slimlm.atomic import atomic_directory
 from slimlm.errors import SlimlmError
 from slimlm.formats.base import format_class
 from slimlm.formats.linear import CompressedEmbedding, CompressedLinear, replace_linear, tie_compressed_embedding
+from slimlm.formats.mapped import map_safetensors
 from slimlm.models.loaded import LoadedModel
 
 MANIFEST = "slimlm.json"
@@ -94,10 +95,12 @@ def save_compressed(lm: LoadedModel, dest: str | Path, overwrite: bool = False) 
 
 
 def load_compressed(path: str | Path, cache: bool | None = None) -> LoadedModel:
-    """Rebuild a compressed model from its directory; logits equal the saved model's bit for bit."""
+    """Rebuild a compressed model from its directory; logits equal the saved model's bit for bit.
+
+    Both safetensors files are memory-mapped (`slimlm.formats.mapped`) and the model skeleton
+    is built on the meta device, so no float32 weight of a compressed layer is ever made:
+    packed and dense tensors are views of the files, read as they are first touched."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.models.sources import _check_safetensors_size, _quiet_transformers
@@ -118,9 +121,10 @@ def load_compressed(path: str | Path, cache: bool | None = None) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        packed_tensors = load_file(str(path / "packed.safetensors"))
-        with safe_open(str(path / "dense.safetensors"), "pt") as f:
-            dense = {k: f.get_tensor(k) for k in f.keys()}
+        packed_tensors = map_safetensors(path / "packed.safetensors")  # memory maps: nothing read or copied yet
+        dense = map_safetensors(path / "dense.safetensors")
+    except SlimlmError:
+        raise
     except Exception as e:
         raise SlimlmError(f"could not read the compressed model in {path}: {e}") from None
     dtype = getattr(torch, manifest.get("dtype", "float32"))

@@ -38,6 +38,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.linear import CompressedLinear, Kernel
+from slimlm.formats.mapped import release
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -95,29 +96,48 @@ def greedy(logits: torch.Tensor) -> int:
 
 class _LinearOp:
     """x (T, in) -> (T, Σ out) for linears sharing their input: one C kernel call when they
-    are all IntQuant with one layout (and the extension is built), the modules otherwise."""
+    are all IntQuant with one layout (and the extension is built), one kernel call per linear
+    when they are IntQuant of different layouts, the modules otherwise. A kernel runs every
+    batch size (the int8 path tiles the rows; the float path decodes into a scratch matrix
+    for more than 16), so no float32 copy of a compressed weight is ever kept; only
+    formats no kernel serves run their module's reference path."""
+
+    REPACK_ROWS = 2048  # rows repacked at a time: the repacking's int32 temporaries stay a few MB
 
     def __init__(self, mods: list[nn.Module], kernel: Kernel):
         from slimlm.kernels import extension
-        from slimlm.kernels.intq import SMALL_BATCH, IntQKernel, stackable
+        from slimlm.kernels.intq import IntQKernel, stackable
 
-        self.mods, self.kernel, self.small = mods, None, SMALL_BATCH
+        self.mods, self.kernel, self.parts = mods, None, None
         self.out_features = sum(m.out_features for m in mods)
         self.always = kernel is Kernel.CPU
         self.bias = None
-        if kernel is not Kernel.REFERENCE and all(isinstance(m, CompressedLinear) for m in mods):
-            packs = [m.packed for m in mods]
-            if stackable(packs) and extension() is not None:
-                self.kernel = IntQKernel(packs, extension())
-                self.bias = _stacked_bias(mods)
+        if kernel is Kernel.REFERENCE or extension() is None or not all(isinstance(m, CompressedLinear) for m in mods):
+            return
+        packs = [m.packed for m in mods]
+        if not all(getattr(p, "format_name", None) == "int" for p in packs):
+            return
+        if stackable(packs):
+            self.kernel = IntQKernel([c for p in packs for c in p.row_chunks(self.REPACK_ROWS)], extension())
+            self.bias = _stacked_bias(mods)
+        else:  # mixed layouts (e.g. v_proj at more bits): one kernel each, outputs concatenated
+            self.parts = [_LinearOp([m], kernel) for m in mods]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and (self.always or x.shape[0] <= self.small):
+        if self.kernel is not None:
             y = self.kernel(x)
             return y if self.bias is None else y + self.bias
+        if self.parts is not None:
+            return torch.cat([op(x) for op in self.parts], -1)
         if len(self.mods) == 1:
             return self.mods[0](x)
         return torch.cat([m(x) for m in self.mods], -1)
+
+    def packed(self) -> list:
+        """The packed weights this op's kernels copied (repacked) and no longer read."""
+        if self.kernel is not None:
+            return [m.packed for m in self.mods]
+        return [p for op in self.parts for p in op.packed()] if self.parts is not None else []
 
     def plan(self) -> tuple | None:
         """This product as lean.c reads it (pointers as ints), or None when it cannot."""
@@ -139,6 +159,8 @@ class _LinearOp:
         """Weight bytes one product reads."""
         if self.kernel is not None:
             return self.kernel.nbytes()
+        if self.parts is not None:
+            return sum(op.nbytes() for op in self.parts)
         return sum(m.packed.nbits() // 8 if isinstance(m, CompressedLinear) else m.weight.numel() * m.weight.element_size()
                    for m in self.mods)
 
@@ -185,11 +207,14 @@ class LeanModel:
         self.v_cache: list[torch.Tensor] = []
         self.tokens: list[int] = []
         self._head_plan = None
-        w = getattr(self.embed, "weight", None)
-        plain = type(self.embed) is nn.Embedding and w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
+        w = self.embed.weight if type(self.embed) is nn.Embedding else None  # (a compressed one's would decode the table)
+        plain = w is not None and w.dtype == torch.float32 and w.device.type == "cpu"
         self._embed_rows = w.detach().numpy() if plain else None  # the fused path's (V, d) rows, shared memory
         self._plan = self._fused_plan() if runtime.fused and runtime.kernel is not Kernel.REFERENCE else None
         self._cache_ptrs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the kernels hold their own repacked copy: the memory-mapped packed pages they read once go back
+        ops = [op for b in self.blocks for op in (b.qkv, b.o, b.gate_up, b.down)] + [self.head]
+        release(t for op in ops for p in op.packed() for t in p.to_state()[1].values())
 
     def _fused_plan(self):
         """lean.c's plan of this model, or None when a block linear has no fused form."""
