@@ -16,7 +16,7 @@ import torch
 
 from slimlm.formats import FORMATS, CompressedLinear
 from slimlm.formats.linear import Kernel
-from slimlm.kernels import available, extension, kernel_for
+from slimlm.kernels import FAST, available, extension, isas, kernel_for, set_isa
 from slimlm.kernels.intq import IntQKernel, Path, default_path, quantize_activations, repack, repack_i8
 from slimlm.methods.affine import quantize_rtn
 
@@ -28,6 +28,17 @@ TOL = 2e-5
 SHAPES = [(7, 576, 32), (5, 1536, 64), (3, 576, 96), (5, 576, 128), (6, 1536, 128), (3, 576, 0), (11, 1536, 0),
           (9, 100, 32), (4, 50, 7), (2, 64, 64), (5, 80, 64), (3, 96, 48), (6, 40, 0)]
 BATCHES = range(1, 17)  # matrix-vector and every small batch (tiled by 4); on the float path 17+ rows are prefill
+ISAS = [*FAST, "scalar"]  # every int8-path kernel set; those this CPU cannot run are skipped, saying so
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test with the int8-path kernels of one ISA (csrc/cpu.c), then restores the best."""
+    if request.param not in isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels (it runs {', '.join(isas())})")
+    set_isa(request.param)
+    yield request.param
+    set_isa(None)
 
 
 def _rel(a, b):
@@ -55,7 +66,7 @@ def test_float_path_matches_reference(bits, sym, out, inp, group):
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("out,inp,group", SHAPES)
-def test_int8_path_equals_its_emulation(bits, sym, out, inp, group):
+def test_int8_path_equals_its_emulation(isa, bits, sym, out, inp, group):
     p, g = _packed(bits, sym, out, inp, group)
     k = IntQKernel(p, extension(), Path.INT8)
     ref = p.dequantize()
@@ -68,7 +79,7 @@ def test_int8_path_equals_its_emulation(bits, sym, out, inp, group):
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("inp,group", [(576, 32), (576, 64), (1536, 128), (576, 0), (1536, 0)])
-def test_int8_path_error_is_the_activation_rounding(bits, sym, inp, group):
+def test_int8_path_error_is_the_activation_rounding(isa, bits, sym, inp, group):
     p, g = _packed(bits, sym, 96, inp, group)
     k = IntQKernel(p, extension(), Path.INT8)
     for m in (1, 16):
@@ -77,10 +88,11 @@ def test_int8_path_error_is_the_activation_rounding(bits, sym, inp, group):
         assert float((k(x) - ref).norm() / ref.norm()) < 1e-2, m
 
 
-def test_int8_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_int8_rows_do_not_depend_on_the_batch(isa, bits):
     """Each activation row is quantized and summed alone: a batch gives each row's single-row result
     exactly (speculative verification relies on it)."""
-    p, g = _packed(3, False, 37, 576, 32)
+    p, g = _packed(bits, False, 37, 576, 32)
     k = IntQKernel(p, extension(), Path.INT8)
     x = torch.randn(70, 576, generator=g)
     y = k(x)
@@ -90,10 +102,17 @@ def test_int8_rows_do_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("path", list(Path))
-def test_portable_kernels_match(monkeypatch, path):
-    """The C loops that run without AVX-512 (SLIMLM_NO_AVX512 forces them)."""
-    monkeypatch.setenv("SLIMLM_NO_AVX512", "1")
-    assert extension().has_vnni() is False
+def test_portable_kernels_match(path):
+    """The portable C loops (the scalar ISA: no vector kernel, no AVX-512 float loop)."""
+    set_isa("scalar")
+    assert extension().has_vnni() is False and extension().isa() == "scalar"
+    try:
+        _portable_cases(path)
+    finally:
+        set_isa(None)
+
+
+def _portable_cases(path):
     for bits, sym, out, inp, group in [(2, False, 5, 576, 32), (3, True, 6, 1536, 0), (4, False, 3, 50, 7),
                                        (8, True, 4, 96, 48), (5, False, 3, 576, 96)]:
         p, g = _packed(bits, sym, out, inp, group)
@@ -121,7 +140,7 @@ def test_default_path_and_its_override(monkeypatch):
 
     ext = extension()
     monkeypatch.delenv("SLIMLM_INTQ_PATH", raising=False)
-    assert default_path(ext) is (DEFAULT_PATH if ext.has_vnni() else Path.FLOAT)
+    assert default_path(ext) is DEFAULT_PATH is Path.INT8  # on every CPU: each ISA has an int8 kernel
     monkeypatch.setenv("SLIMLM_INTQ_PATH", "int8")
     p, _ = _packed(4, False, 3, 64, 32)
     assert IntQKernel(p, ext).path is Path.INT8 and IntQKernel(p, ext, "float").path is Path.FLOAT
@@ -185,3 +204,30 @@ def test_every_registered_format_has_a_working_path():
         xr = quantize_activations(x, 32) if op is not None and op.path is Path.INT8 else x
         assert _rel(lin(x), xr @ p.dequantize().T) < TOL
         assert (op is not None) == (name == "int")
+
+
+def test_isa_choice_is_visible_and_checked():
+    from slimlm.errors import SlimlmError
+    from slimlm.kernels import describe, isa
+
+    names = isas()
+    assert names[-1] == "scalar" and isa() == names[0]  # the best by default, the portable loop always there
+    assert set(names) <= set(ISAS)
+    d = describe()
+    assert d["built"] and d["isa"] == names[0] and d["isas"] == names
+    with pytest.raises(SlimlmError, match="no kernels are called"):
+        set_isa("sse9")
+    missing = [n for n in ISAS if n not in names]
+    for name in missing:  # e.g. neon_dotprod on x86, avx512_vnni on an AVX2-only CPU
+        with pytest.raises(SlimlmError, match="cannot run"):
+            set_isa(name)
+    assert isa() == names[0]
+
+
+def test_a_bad_isa_in_the_environment_is_one_clear_error():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from slimlm.kernels import extension; extension()"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "SLIMLM_ISA": "sse9"})
+    assert r.returncode != 0 and "SLIMLM_ISA='sse9'" in r.stderr and "no kernels are called sse9" in r.stderr

@@ -7,14 +7,24 @@ everything runs on the reference path. `kernel_for(packed)` gives the fast opera
 packed format, or None when no kernel serves that format; an IntQuant kernel runs the
 int8-activation path or the float path (`IntQKernel.path`, chosen as slimlm/kernels/intq.py
 describes).
+
+Which instruction set runs is decided at run time from the CPU (csrc/cpu.c), never by
+build flags: `isa()` names the int8-path kernels in use (avx512_vnni, avx_vnni, avx2,
+neon_dotprod or scalar), `isas()` every one this CPU can run, `set_isa(name)` (or
+SLIMLM_ISA=name before the first use) picks a lower one for comparisons. A CPU that gets
+the portable loop is told so once (`slow_path_warning`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
+from slimlm.errors import SlimlmError
 from slimlm.kernels.intq import IntQKernel
+
+FAST = ("avx512_vnni", "avx_vnni", "avx2", "neon_dotprod")  # vector int8 kernels; "scalar" is the portable loop
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,6 +38,12 @@ def extension():
         warnings.warn(f"slimlm: C kernels are not built ({e}); running the slower PyTorch reference path "
                       "(reinstall with `pip install -e .` and a C compiler to build them)", RuntimeWarning, stacklevel=2)
         return None
+    want = os.environ.get("SLIMLM_ISA")
+    if want:
+        try:
+            _C.set_isa(want)
+        except ValueError as e:
+            raise SlimlmError(f"SLIMLM_ISA={want!r}: {e}") from None
     return _C
 
 
@@ -36,9 +52,46 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The instruction set the kernels run with on this CPU: avx512, avx2, portable, or none."""
+    """The int8-path kernels in use on this CPU (avx512_vnni, avx_vnni, avx2, neon_dotprod, scalar), or none."""
     ext = extension()
     return ext.isa() if ext is not None else "none"
+
+
+def isas() -> list[str]:
+    """Every int8-path kernel set this CPU can run, best first ([] without the extension)."""
+    ext = extension()
+    return ext.isas().split(",") if ext is not None else []
+
+
+def set_isa(name: str | None) -> None:
+    """Run the named kernels from now on (None: the best this CPU has); SlimlmError if it cannot."""
+    ext = extension()
+    if ext is None:
+        raise SlimlmError("the C kernels are not built, so no instruction set can be chosen")
+    try:
+        ext.set_isa(name)
+    except ValueError as e:
+        raise SlimlmError(str(e)) from None
+
+
+def describe() -> dict:
+    """What runs here, for `info` and `bench --json`: the kernels in use, the alternatives, threads."""
+    ext = extension()
+    if ext is None:
+        return {"built": False, "isa": "none", "isas": [], "openmp": False}
+    return {"built": True, "isa": ext.isa(), "isas": isas(), "openmp": bool(ext.openmp())}
+
+
+@functools.lru_cache(maxsize=1)
+def slow_path_warning() -> str | None:
+    """One warning (the first call only) when this CPU runs the portable loop; the message, or None."""
+    name = isa()
+    if name in FAST or name == "none":
+        return None
+    msg = (f"slimlm: this CPU has no vector int8 kernel ({name} path: no AVX2, AVX-VNNI, AVX-512 VNNI or NEON "
+           "dot product found); compressed layers run a portable C loop, several times slower")
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return msg
 
 
 def kernel_for(packed):
@@ -46,8 +99,9 @@ def kernel_for(packed):
     from slimlm.formats.intq import IntQuant
 
     if isinstance(packed, IntQuant) and extension() is not None:
+        slow_path_warning()
         return IntQKernel(packed, extension())
     return None
 
 
-__all__ = ["IntQKernel", "available", "extension", "isa", "kernel_for"]
+__all__ = ["IntQKernel", "available", "describe", "extension", "isa", "isas", "kernel_for", "set_isa"]

@@ -8,12 +8,15 @@ Two paths (`Path`), chosen per kernel when it is built:
   llama.cpp's Q4_1 × Q8_1 scheme. Not equal to `x @ dequantize().T`: it computes
   `quantize_activations(x) @ dequantize().T` (to float rounding), whose relative error
   from the exact product is ~0.5 % for Gaussian x (rounding step max|x| / 127 per block).
-  Layout and arithmetic: csrc/intq_i8.c (`repack_i8`). Without VNNI a portable C loop runs it.
+  Layout and arithmetic: csrc/intq_i8.c (`repack_i8`). The same layout runs on every CPU:
+  csrc/cpu.c picks AVX-512 VNNI, AVX-VNNI, AVX2 (`vpmaddubsw`), NEON dot product or a
+  portable C loop at run time (`slimlm.kernels.isa()`); all give the same sums up to
+  float rounding.
 - `float`: float32 activations, results equal `x @ dequantize().T` to float rounding.
   Compute-bound at 3–4 cycles per 16 weights, so low bit widths gain little.
 
-The default (`default_path`): SLIMLM_INTQ_PATH=int8|float when set, else DEFAULT_PATH
-where the CPU has AVX-512 VNNI, else `float`. (Decision and measurements: DEFAULT_PATH.)
+The default (`default_path`): SLIMLM_INTQ_PATH=int8|float when set, else DEFAULT_PATH on
+every CPU. (Decision and measurements: DEFAULT_PATH.)
 
 `repack(packed)` (float path) turns the format's row-major little-endian bit stream into the kernel's
 layout (documented in csrc/intq.c): groups padded to multiples of 16 codes, superblocks
@@ -57,19 +60,21 @@ class Path(str, Enum):
 # activation rounding (~0.5 % relative output error, as llama.cpp's Q8 activations). It is
 # the default for every kernel call (the lean runtime's decode and prefill); evaluation
 # (perplexity, KL) runs the `reference` kernel of CompressedLinear and is not affected.
+# Without VNNI the int8 path runs AVX2's vpmaddubsw (or NEON's sdot, or portable C) on the
+# same layout, so it is the default everywhere and the fused decode step works on every CPU.
 # SLIMLM_INTQ_PATH=float selects the exact path.
 DEFAULT_PATH = Path.INT8
 
 
 def default_path(ext) -> Path:
-    """The path a kernel takes when none is given: $SLIMLM_INTQ_PATH, else DEFAULT_PATH on a CPU with VNNI."""
+    """The path a kernel takes when none is given: $SLIMLM_INTQ_PATH, else DEFAULT_PATH."""
     env = os.environ.get("SLIMLM_INTQ_PATH")
     if env:
         try:
             return Path(env)
         except ValueError:
             raise SlimlmError(f"SLIMLM_INTQ_PATH={env!r} is not a kernel path; use int8 or float") from None
-    return DEFAULT_PATH if ext.has_vnni() else Path.FLOAT
+    return DEFAULT_PATH
 
 
 def padded_positions(in_features: int, group: int) -> tuple[torch.Tensor, int]:

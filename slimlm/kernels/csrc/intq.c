@@ -192,9 +192,11 @@ int intq_matmul(const intq_t *W, const float *x, int M, float *y) {
         int a, b;
         intq_thread_rows(W->out, &a, &b);
         if (a < b) {
+#if defined(__x86_64__) || defined(_M_X64)
             if (use512)
                 intq_rows_avx512(W, a, b, xv, xstride, xs, M, y);
             else
+#endif
                 rows_kernel(W, a, b, xv, xstride, xs, M, y);
         }
     }
@@ -211,27 +213,4 @@ int intq_dequant(const intq_t *W, float *w) {
         if (a < b) dequant_kernel(W, a, b, w);
     }
     return 0;
-}
-
-int intq_has_avx512(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-    }
-    return known && !getenv("SLIMLM_NO_AVX512");
-#else
-    return 0;
-#endif
-}
-
-const char *intq_isa(void) {
-    if (intq_has_avx512()) return "avx512";
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
-#endif
-    return "portable";
 }

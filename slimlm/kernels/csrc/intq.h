@@ -78,7 +78,28 @@ void intq_i8_release(intq_i8_prep_t *P);
 void intq_matmul_i8_prepared(const intq_t *W, const intq_i8_prep_t *P, const float *x, int M, float *y);
 int intq_matmul_i8(const intq_t *W, const float *x, int M, float *y); /* int8 activations, see intq_i8.c */
 int intq_dequant_i8(const intq_t *W, float *w);
-int intq_has_vnni(void);
+
+/* One ISA's int8-path kernels; cpu.c picks the set at run time. */
+typedef void (*intq_quantize_fn)(const intq_t *W, const float *x, int8_t *xi, float *d, float *sig);
+typedef void (*intq_rows_i8_fn)(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
+typedef struct {
+    const char *name; /* avx512_vnni, avx_vnni, avx2, neon_dotprod, scalar */
+    int needs;        /* cpu.c feature bits the CPU must have */
+    int fold;         /* lane sums come out times 2^class(l) for one-plane codes: layout_x folds it into dv */
+    intq_quantize_fn quantize; /* per sub-block int8 rounding of one row; NULL: the portable loop */
+    intq_rows_i8_fn rows;      /* rows [r0, r1) of y (M, out) */
+} intq_i8_kernels_t;
+const intq_i8_kernels_t *intq_i8_kernels(void);
+int intq_set_isa(const char *name); /* 0 done, -1 the CPU lacks it, -2 unknown; NULL: the best */
+const char *intq_isas(void);        /* the usable kernel names, best first, comma-separated */
+int intq_isa_forced(void);
+int intq_has_avx2(void);            /* AVX2 + FMA + F16C, and the int8 choice is not scalar */
+int intq_has_vnni(void);            /* the int8 path runs its AVX-512 VNNI kernel */
+
 void intq_quantize_blocks_avx512(const intq_t *W, const float *x, int8_t *xi, float *d, float *sig);
 void intq_rows_i8_avx512(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
+void intq_quantize_blocks_avx2(const intq_t *W, const float *x, int8_t *xi, float *d, float *sig);
+void intq_rows_i8_avx2(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
+void intq_rows_i8_avxvnni(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
+void intq_rows_i8_neon(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
 #endif

@@ -2,6 +2,7 @@
  * not vectorise well enough). Same layout, same arithmetic order per 16-lane chunk:
  * tot += (q · s_g) ⊙ x, then the additive term Σ_g t_g · Σx_g. Compiled for AVX-512F/BW +
  * F16C and only called when the CPU reports AVX-512F (see intq_matmul). */
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -162,3 +163,4 @@ TARGET void intq_rows_avx512(const intq_t *W, int r0, int r1, const float *xp, i
     default: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 8); break;
     }
 }
+#endif /* x86-64 */

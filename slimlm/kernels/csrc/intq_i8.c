@@ -194,7 +194,7 @@ INLINE void rows_i8_bits(const intq_t *W, const intq_x8_t *X, int r0, int r1, in
     }
 }
 
-CLONES static void rows_i8(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y) {
+CLONES void intq_rows_i8_scalar(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y) {
     switch (W->bits) {
     case 2: rows_i8_bits(W, X, r0, r1, M, y, 2); break;
     case 3: rows_i8_bits(W, X, r0, r1, M, y, 3); break;
@@ -283,13 +283,12 @@ intq_i8_prep_t *intq_i8_prepare(const intq_t *W, int max_m) {
 }
 
 void intq_matmul_i8_prepared(const intq_t *W, const intq_i8_prep_t *P, const float *x, int M, float *y) {
-    const int nt = ntiles(W), rc = W->row_codes, vnni = intq_has_vnni();
+    const int nt = ntiles(W), rc = W->row_codes;
+    const intq_i8_kernels_t *K = intq_i8_kernels();
+    const intq_quantize_fn quantize = K->quantize ? K->quantize : quantize_blocks;
     for (int m = 0; m < M; m++) {
-        if (vnni)
-            intq_quantize_blocks_avx512(W, x + (size_t)m * W->in, P->xi, P->dsig, P->dsig + W->nsub);
-        else
-            quantize_blocks(W, x + (size_t)m * W->in, P->xi, P->dsig, P->dsig + W->nsub);
-        layout_x(W, P->T, P->map, P->xi, P->dsig, P->dsig + W->nsub, vnni, P->xq + (size_t)m * rc,
+        quantize(W, x + (size_t)m * W->in, P->xi, P->dsig, P->dsig + W->nsub);
+        layout_x(W, P->T, P->map, P->xi, P->dsig, P->dsig + W->nsub, K->fold, P->xq + (size_t)m * rc,
                  P->lanes + (size_t)m * nt * 16, P->lanes + (size_t)(M + m) * nt * 16);
     }
     const intq_x8_t X = {nt, P->T, P->xq, P->lanes, P->lanes + (size_t)M * nt * 16};
@@ -297,12 +296,7 @@ void intq_matmul_i8_prepared(const intq_t *W, const intq_i8_prep_t *P, const flo
     {
         int a, b;
         intq_thread_rows(W->out, &a, &b);
-        if (a < b) {
-            if (vnni)
-                intq_rows_i8_avx512(W, &X, a, b, M, y);
-            else
-                rows_i8(W, &X, a, b, M, y);
-        }
+        if (a < b) K->rows(W, &X, a, b, M, y);
     }
 }
 
@@ -340,17 +334,4 @@ int intq_dequant_i8(const intq_t *W, float *w) {
     free(map);
     free(st);
     return ok ? 0 : -1;
-}
-
-int intq_has_vnni(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512vnni");
-    }
-    return known && intq_has_avx512();
-#else
-    return 0;
-#endif
 }

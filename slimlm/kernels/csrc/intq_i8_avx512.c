@@ -7,6 +7,7 @@
  * 2-vCPU Sapphire Rapids VM, that work and the per-step pair are about equal shares of the
  * time, so 2- and 4-bit codes cost the same compute and 2 bits win by reading fewer bytes.
  * Compiled for AVX-512F/BW/VL + VNNI, called only when the CPU reports them (intq_has_vnni). */
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -259,3 +260,4 @@ TARGET void intq_rows_i8_avx512(const intq_t *W, const intq_x8_t *X, int r0, int
     default: rows_bits(W, X, r0, r1, M, y, 8); break;
     }
 }
+#endif /* x86-64 */

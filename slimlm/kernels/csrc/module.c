@@ -5,6 +5,9 @@
 #include "intq.h"
 #include "lean.h"
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static int parse_w(PyObject *const *a, intq_t *W) {
     W->codes = PyLong_AsVoidPtr(a[0]);
@@ -78,6 +81,46 @@ static PyObject *py_layout_i8(PyObject *self, PyObject *const *a, Py_ssize_t n) 
 static PyObject *py_has_vnni(PyObject *self, PyObject *unused) { return PyBool_FromLong(intq_has_vnni()); }
 
 static PyObject *py_isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(intq_isa()); }
+
+static PyObject *py_isas(PyObject *self, PyObject *unused) { return PyUnicode_FromString(intq_isas()); }
+
+/* set_isa(name or None): the int8 kernels to use from now on (None: the best this CPU has) */
+static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
+    const char *name = arg == Py_None ? NULL : PyUnicode_AsUTF8(arg);
+    if (arg != Py_None && !name) return NULL;
+    const int rc = intq_set_isa(name);
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels (it can run: %s)", name, intq_isas());
+    if (rc == -2)
+        return PyErr_Format(PyExc_ValueError, "no kernels are called %s (this CPU can run: %s)", name, intq_isas());
+    Py_RETURN_NONE;
+}
+
+/* threads(n): the OpenMP threads of every later kernel call (n >= 1); threads(): the current count */
+static PyObject *py_threads(PyObject *self, PyObject *const *a, Py_ssize_t n) {
+    if (n > 1) return PyErr_Format(PyExc_TypeError, "threads takes 0 or 1 arguments, got %zd", n);
+#ifdef _OPENMP
+    if (n == 1) {
+        const long t = PyLong_AsLong(a[0]);
+        if (PyErr_Occurred()) return NULL;
+        if (t < 1) return PyErr_Format(PyExc_ValueError, "threads must be at least 1, got %ld", t);
+        omp_set_num_threads((int)t);
+    }
+    return PyLong_FromLong(omp_get_max_threads());
+#else
+    if (n == 1 && PyLong_AsLong(a[0]) < 1 && !PyErr_Occurred())
+        return PyErr_Format(PyExc_ValueError, "threads must be at least 1");
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLong(1);
+#endif
+}
+
+static PyObject *py_openmp(PyObject *self, PyObject *unused) {
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
 
 
 /* ---- fused decode step (lean.c) ------------------------------------------------------------ */
@@ -272,7 +315,11 @@ static PyMethodDef methods[] = {
     {"dequant_i8", (PyCFunction)(void (*)(void))py_dequant_i8, METH_FASTCALL, "dequant from the int8-path layout"},
     {"layout_i8", (PyCFunction)(void (*)(void))py_layout_i8, METH_FASTCALL, "(B, row_codes) of the int8-path layout"},
     {"has_vnni", py_has_vnni, METH_NOARGS, "whether the int8 path runs its AVX-512 VNNI kernel here"},
-    {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run with"},
+    {"isa", py_isa, METH_NOARGS, "the int8-path kernels in use (avx512_vnni, avx_vnni, avx2, neon_dotprod, scalar)"},
+    {"isas", py_isas, METH_NOARGS, "the int8-path kernels this CPU can run, best first, comma-separated"},
+    {"set_isa", py_set_isa, METH_O, "use the named int8-path kernels (None: the best this CPU has)"},
+    {"threads", (PyCFunction)(void (*)(void))py_threads, METH_FASTCALL, "set (n) or read () the kernels' thread count"},
+    {"openmp", py_openmp, METH_NOARGS, "whether the kernels were built with OpenMP"},
     {"lean_new", py_lean_new, METH_VARARGS, "the plan of a fused decode step (lean.c)"},
     {"lean_linear_new", py_lean_linear_new, METH_VARARGS, "a single linear (the output head) for lean_linear"},
     {"lean_linear", (PyCFunction)(void (*)(void))py_lean_linear, METH_FASTCALL, "y = linear(x) for up to LEAN_MAX_T rows"},
