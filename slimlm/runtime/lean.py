@@ -30,6 +30,7 @@ values (multi-turn chat), and `truncate(n)` rolls back (speculative decoding).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class RuntimeConfig:
     head_group: int = 64
     max_seq: int = 4096
     fused: bool = True
+    threads: int | None = None  # None: chosen by measurement while decoding (runtime/threads.py)
 
     def __post_init__(self):
         object.__setattr__(self, "kernel", Kernel(self.kernel))
@@ -68,6 +70,8 @@ class RuntimeConfig:
             raise SlimlmError(f"head group must be positive, got {self.head_group}")
         if self.max_seq < 2:
             raise SlimlmError(f"max sequence length must be at least 2, got {self.max_seq}")
+        if self.threads is not None and self.threads < 1:
+            raise SlimlmError(f"threads must be at least 1 (or None: chosen by measurement), got {self.threads}")
 
 
 def supports(model: nn.Module) -> bool:
@@ -120,6 +124,8 @@ class _LinearOp:
         if stackable(packs):
             self.kernel = IntQKernel([c for p in packs for c in p.row_chunks(self.REPACK_ROWS)], extension())
             self.bias = _stacked_bias(mods)
+            # the kernel holds its own repacked copy: the memory-mapped pages it read go back (see formats/mapped.py)
+            release(t for p in packs for t in p.to_state()[1].values())
         else:  # mixed layouts (e.g. v_proj at more bits): one kernel each, outputs concatenated
             self.parts = [_LinearOp([m], kernel) for m in mods]
 
@@ -132,12 +138,6 @@ class _LinearOp:
         if len(self.mods) == 1:
             return self.mods[0](x)
         return torch.cat([m(x) for m in self.mods], -1)
-
-    def packed(self) -> list:
-        """The packed weights this op's kernels copied (repacked) and no longer read."""
-        if self.kernel is not None:
-            return [m.packed for m in self.mods]
-        return [p for op in self.parts for p in op.packed()] if self.parts is not None else []
 
     def plan(self) -> tuple | None:
         """This product as lean.c reads it (pointers as ints), or None when it cannot."""
@@ -212,9 +212,11 @@ class LeanModel:
         self._embed_rows = w.detach().numpy() if plain else None  # the fused path's (V, d) rows, shared memory
         self._plan = self._fused_plan() if runtime.fused and runtime.kernel is not Kernel.REFERENCE else None
         self._cache_ptrs: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the kernels hold their own repacked copy: the memory-mapped packed pages they read once go back
-        ops = [op for b in self.blocks for op in (b.qkv, b.o, b.gate_up, b.down)] + [self.head]
-        release(t for op in ops for p in op.packed() for t in p.to_state()[1].values())
+        self._tuner = None  # ThreadTuner of decode steps, made on the first step when threads are not fixed
+        if runtime.threads is not None:
+            from slimlm.runtime.threads import set_threads
+
+            set_threads(runtime.threads)
 
     def _fused_plan(self):
         """lean.c's plan of this model, or None when a block linear has no fused form."""
@@ -386,8 +388,25 @@ class LeanModel:
         return self.extend(ids[len(self.tokens):])
 
     def step(self, token: int) -> torch.Tensor:
-        """Logits (V,) after one more token."""
-        return self.extend([token])
+        """Logits (V,) after one more token, on the thread count in force (fixed, or the tuner's)."""
+        if self._tuner is None:
+            if self.runtime.threads is not None:
+                return self.extend([token])
+            from slimlm.runtime.threads import ThreadTuner
+
+            self._tuner = ThreadTuner()
+        self._tuner.next()
+        t0 = time.perf_counter()
+        logits = self.extend([token])
+        self._tuner.record(time.perf_counter() - t0)
+        return logits
+
+    @property
+    def threads(self) -> int:
+        """The thread count decode steps run with now."""
+        if self._tuner is not None:
+            return self._tuner.chosen
+        return self.runtime.threads or torch.get_num_threads()
 
     def bytes_per_token(self) -> int:
         """Weight bytes a decode step reads (block linears and head; one embedding row is negligible)."""
