@@ -99,7 +99,7 @@ def cmd_eval(a) -> int:
 def runtime_config(a):
     from slimlm.runtime import RuntimeConfig
 
-    return RuntimeConfig(kernel=a.kernel, head_bits=a.head_bits)
+    return RuntimeConfig(kernel=a.kernel, head_bits=a.head_bits, threads=getattr(a, "threads", None))
 
 
 def add_runtime_flags(p):
@@ -244,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--decode-tokens", type=int, default=64)
     b.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; the median is reported")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="threads of the kernels and torch (default: chosen while decoding, by timing 1..cores "
+                        "threads on the cores actually free)")
     add_runtime_flags(b)
     b.set_defaults(fn=cmd_bench)
 
@@ -258,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None,
+                   help="threads of the kernels and torch (default: chosen while decoding by measurement)")
     g.add_argument("--draft", help="speculative decoding with this model as the draft (e.g. a more compressed copy); "
                                    "the output is distributed exactly as without it (greedy: identical)")
     g.add_argument("--draft-bits", type=int, default=0,

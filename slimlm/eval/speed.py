@@ -10,12 +10,14 @@ one decode step reads, for the bandwidth bound (bytes ÷ measured bandwidth).
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
 
 import torch
 
+from slimlm.kernels import describe
 from slimlm.runtime.generate import GenerationConfig, generate_ids, lean_model
 from slimlm.runtime.lean import RuntimeConfig, supports
 
@@ -29,6 +31,7 @@ def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int =
                 threads: int | None = None, runtime: RuntimeConfig | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
+        runtime = dataclasses.replace(runtime or RuntimeConfig(), threads=threads)  # fixed: no tuning
     from slimlm.data import corpus_text
 
     ids = tokenizer(corpus_text("evaluation")[:20000], add_special_tokens=False)["input_ids"][:prompt_tokens]
@@ -51,7 +54,9 @@ def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int =
         "prompt_tokens": len(ids),
         "decode_tokens": decode_tokens,
         "runs": runs,
-        "threads": torch.get_num_threads(),
+        "threads": lean_model(model, runtime).threads if supports(model) else torch.get_num_threads(),
+        "threads_chosen_by": "fixed" if runtime is not None and runtime.threads else "measurement",
+        "kernels": describe(),
         "peak_rss_bytes": peak_rss_bytes(),
         "runtime": ("lean-fused" if lean_model(model, runtime).fused else "lean") if supports(model) else "transformers",
         "weight_bytes_per_token": lean_model(model, runtime).bytes_per_token() if supports(model) else None,
