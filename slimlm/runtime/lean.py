@@ -89,6 +89,16 @@ def _stacked_bias(mods: list[nn.Module]) -> torch.Tensor | None:
     return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]).float().contiguous()
 
 
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): return freed heap pages to the OS (a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def greedy(logits: torch.Tensor) -> int:
     """The index of the largest of (V,) float32 logits (the first on ties, NaN counting as
     largest, as torch.argmax) — through numpy, one thread: torch's reduction wakes the
@@ -212,6 +222,7 @@ class LeanModel:
         self._embed_rows = w.detach().numpy() if plain else None  # the fused path's (V, d) rows, shared memory
         self._plan = self._fused_plan() if runtime.fused and runtime.kernel is not Kernel.REFERENCE else None
         self._cache_ptrs: tuple[torch.Tensor, torch.Tensor] | None = None
+        _trim_heap()  # the repacking's freed temporaries go back to the OS (glibc keeps them otherwise)
         self._tuner = None  # ThreadTuner of decode steps, made on the first step when threads are not fixed
         if runtime.threads is not None:
             from slimlm.runtime.threads import set_threads
