@@ -17,7 +17,7 @@ import torch
 from slimlm.formats import FORMATS, CompressedLinear
 from slimlm.formats.linear import Kernel
 from slimlm.kernels import FAST, available, extension, isas, kernel_for, set_isa
-from slimlm.kernels.intq import IntQKernel, Path, default_path, quantize_activations, repack, repack_i8
+from slimlm.kernels.intq import SMALL_BATCH, IntQKernel, Path, default_path, quantize_activations, repack, repack_i8
 from slimlm.methods.affine import quantize_rtn
 
 pytestmark = pytest.mark.skipif(not available(), reason="C kernels not built on this machine")
@@ -186,24 +186,61 @@ def test_compressed_linear_kernel_choice(kernel):
     assert (lin._weight is None) == (kernel is Kernel.CPU)
 
 
-def test_every_registered_format_has_a_working_path():
-    """Formats a kernel serves match the reference; the others run the reference path unchanged."""
-    from slimlm.formats.dense import Dense
+# one layer of each registered format, by method (tiny model: 2 blocks, width 64, FFN 160)
+_L0, _L1 = "model.layers.0.", "model.layers.1."
+EVERY_FORMAT = "+".join([
+    f"rtn:bits=4,group=16@{_L0}self_attn.q_proj", f"awq:bits=4,group=16@{_L0}self_attn.k_proj",
+    f"kmeans:bits=3@{_L0}self_attn.v_proj", f"vq:bits=2,dim=2,keep=0@{_L0}self_attn.o_proj",
+    f"spqr:bits=3@{_L0}mlp.gate_proj", f"lossless@{_L0}mlp.up_proj",
+    f"rtn:bits=4,group=16@{_L0}mlp.down_proj", f"lossless@{_L0}mlp.down_proj",
+    f"welore:threshold=0.95@{_L1}self_attn.q_proj", f"magnitude:sparsity=0.5@{_L1}self_attn.k_proj",
+    f"kmeans:bits=3,keep=2@{_L1}self_attn.v_proj", f"welore:threshold=0.0@{_L1}self_attn.o_proj",
+])
 
-    w = torch.randn(6, 64)
-    for name, cls in FORMATS.items():
-        if name == "int":
-            p = quantize_rtn(w, 3, 32)
-        elif name == "dense":
-            p = Dense(w.half())
-        else:
-            continue  # formats of other methods: covered by the CompressedLinear fallback below
-        lin = CompressedLinear(p, kernel=Kernel.AUTO)
-        x = torch.randn(2, 64)
-        op = kernel_for(p)
-        xr = quantize_activations(x, 32) if op is not None and op.path is Path.INT8 else x
-        assert _rel(lin(x), xr @ p.dequantize().T) < TOL
-        assert (op is not None) == (name == "int")
+
+@pytest.fixture(scope="module")
+def every_format():
+    from slimlm.compress import CalibrationConfig, compress_model
+    from slimlm.models.tiny import tiny_model
+
+    lm = tiny_model("llama")
+    compress_model(lm, EVERY_FORMAT, CalibrationConfig(n_windows=3, seq_len=32), progress=False)
+    layers = {m.packed.format_name: m for m in lm.model.modules() if isinstance(m, CompressedLinear)}
+    return lm, layers
+
+
+def test_every_registered_format_has_a_working_path(every_format, isa):
+    """Every format in the registry, as its method makes it: a format a kernel serves runs the kernel
+    (int8 path: equal to its activation-rounding emulation), the others run the reference path, equal
+    to x @ dequantize().T exactly — on each ISA this CPU runs."""
+    _, layers = every_format
+    assert set(layers) == set(FORMATS)  # the recipe above must keep up with the registry
+    g = torch.Generator().manual_seed(3)
+    for name, lin in layers.items():
+        p, served = lin.packed, kernel_for(lin.packed)
+        assert (served is not None) == (name == "int"), name  # the formats with a kernel today
+        w = p.dequantize()
+        auto = CompressedLinear(p, bias=lin.bias, kernel=Kernel.AUTO)
+        for rows in (1, 5, 40):  # `auto` runs a kernel for up to SMALL_BATCH rows, the reference above
+            x = torch.randn(rows, lin.in_features, generator=g)
+            if served is not None and rows <= SMALL_BATCH:
+                ref = torch.nn.functional.linear(quantize_activations(x, p.group), w, lin.bias)
+                assert _rel(auto(x), ref) < TOL, (name, rows)
+            else:
+                assert torch.equal(auto(x), torch.nn.functional.linear(x, w, lin.bias)), (name, rows)
+
+
+def test_the_runtime_runs_a_model_mixing_every_format(every_format, isa):
+    from slimlm.runtime.lean import LeanModel, RuntimeConfig
+
+    lm, _ = every_format
+    ids = list(range(3, 23))
+    with torch.no_grad():
+        ref = lm.model(torch.tensor([ids])).logits[0]
+    lean = LeanModel(lm.model, RuntimeConfig())
+    assert not lean.fused  # most formats have no fused form: the PyTorch blocks run
+    got = torch.stack([lean.prefill(ids[:1]), *[lean.step(t) for t in ids[1:]]])
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-2  # int8 activations in the int layers
 
 
 def test_isa_choice_is_visible_and_checked():
