@@ -123,7 +123,10 @@ def cmd_bench(a) -> int:
     else:
         print(f"prefill {res['prefill_tps']:.1f} tokens/s ({res['prompt_tokens']} tokens), decode {res['decode_tps']:.1f} "
               f"tokens/s, {res['threads']} threads, peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB, "
-              f"{res['bpw']:.3f} bpw, {res['size_bytes'] / 1e6:.1f} MB")
+              f"{res['bpw']:.3f} bpw, {res['size_bytes'] / 1e6:.1f} MB, kernels {res['kernels']['isa']}")
+        if res["kernels"]["formats_without_kernel"]:
+            print(f"no fast kernel for format(s) {', '.join(res['kernels']['formats_without_kernel'])}: those layers "
+                  "ran the PyTorch reference", file=sys.stderr)
     return 0
 
 
@@ -172,13 +175,19 @@ def cmd_info(a) -> int:
     from slimlm.eval.size import size_report
     from slimlm.formats.store import layer_table
 
+    from slimlm.formats.store import compressed_layers
+    from slimlm.kernels import describe, kernel_name, kernel_summary
+
     lm = slimlm.load(a.model)
     rep = size_report(lm, a.model)
     man = lm.manifest or {}
+    layers = layer_table(lm.model)
+    for name, mod in compressed_layers(lm.model).items():
+        layers[name]["kernel"] = kernel_name(mod.packed)
     out = {"model": a.model, "source": man.get("source", lm.source), "recipe": man.get("recipe", "none"),
            "model_type": lm.config.model_type, "blocks": lm.adapter.n_blocks(lm.model), **rep,
-           "layers": layer_table(lm.model), "calibration": man.get("calibration"),
-           "slimlm_version": man.get("slimlm_version")}
+           "layers": layers, "kernels": {**describe(), **kernel_summary(lm.model)},
+           "calibration": man.get("calibration"), "slimlm_version": man.get("slimlm_version")}
     if a.json:
         print_json(out)
         return 0
@@ -187,11 +196,17 @@ def cmd_info(a) -> int:
     head = f", head {rep['head_bpw']:.3f}" if rep["head_bpw"] is not None else ""
     print(f"{rep['bpw']:.3f} bits per weight over {rep['linear_weights']:,} block-linear weights{head}; "
           f"{rep['size_bytes'] / 1e6:.1f} MB")
+    k = out["kernels"]
+    print(f"kernels: {k['isa']} (this CPU runs {', '.join(k['isas']) or 'none: not built'})")
+    if k["formats_without_kernel"]:
+        print(f"no fast kernel for format(s) {', '.join(k['formats_without_kernel'])}: those layers run the PyTorch "
+              "reference on dequantized float32 weights (slower, and float32-sized in memory)")
     if out["layers"]:
         w = max(len(n) for n in out["layers"])
-        print(f"{'layer'.ljust(w)}  {'method':8} {'format':6} {'shape':>11} {'bpw':>7}")
+        print(f"{'layer'.ljust(w)}  {'method':8} {'format':6} {'shape':>11} {'bpw':>7}  kernel")
         for n, e in out["layers"].items():
-            print(f"{n.ljust(w)}  {e['method']:8} {e['format']:6} {'x'.join(map(str, e['shape'])):>11} {e['bpw']:7.3f}")
+            print(f"{n.ljust(w)}  {e['method']:8} {e['format']:6} {'x'.join(map(str, e['shape'])):>11} {e['bpw']:7.3f}"
+                  f"  {e['kernel']}")
     return 0
 
 

@@ -28,11 +28,18 @@ def test_compress_eval_info_bench_generate(tiny_dir, tmp_path):
     assert code == 0, err
     res = json.loads(stdout)
     assert res["recipe"] == "rtn:bits=4,group=32" and len(res["layers"]) == 14 and res["bpw"] == 5.0
+    from slimlm.kernels import isa
+
+    assert res["kernels"]["isa"] == isa() and res["kernels"]["layers"] == {f"int8/{isa()}": 14}
+    assert res["kernels"]["formats_without_kernel"] == []
+    assert {e["kernel"] for e in res["layers"].values()} == {f"int8/{isa()}"}
 
     code, stdout, err = run_cli("bench", out, "--json", "--runs", "1", "--prompt-tokens", "16", "--decode-tokens", "4")
     assert code == 0, err
     res = json.loads(stdout)
     assert {"prefill_tps", "decode_tps", "peak_rss_bytes", "size_bytes", "bpw"} <= set(res)
+    assert res["kernels"]["isa"] == isa() and res["runtime"] == "lean-fused"
+    assert res["threads_chosen_by"] == "measurement" and res["threads"] >= 1
 
     code, stdout, err = run_cli("generate", out, "def f(x):", "--max-new-tokens", "5", "--no-chat")
     assert code == 0, err
@@ -51,7 +58,7 @@ def test_compress_eval_info_bench_generate(tiny_dir, tmp_path):
     assert code != 0 and "not both" in err
 
     code, stdout, _ = run_cli("info", out)
-    assert "model.layers.1.mlp.down_proj" in stdout
+    assert "model.layers.1.mlp.down_proj" in stdout and f"int8/{isa()}" in stdout and f"kernels: {isa()}" in stdout
 
 
 def test_recipe_file_and_text_file(tiny_dir, tmp_path):

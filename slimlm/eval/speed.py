@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from slimlm.kernels import describe
+from slimlm.kernels import describe, kernel_summary
 from slimlm.runtime.generate import GenerationConfig, generate_ids, lean_model
 from slimlm.runtime.lean import RuntimeConfig, supports
 
@@ -56,7 +56,7 @@ def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int =
         "runs": runs,
         "threads": lean_model(model, runtime).threads if supports(model) else torch.get_num_threads(),
         "threads_chosen_by": "fixed" if runtime is not None and runtime.threads else "measurement",
-        "kernels": describe(),
+        "kernels": {**describe(), **kernel_summary(model)},
         "peak_rss_bytes": peak_rss_bytes(),
         "runtime": ("lean-fused" if lean_model(model, runtime).fused else "lean") if supports(model) else "transformers",
         "weight_bytes_per_token": lean_model(model, runtime).bytes_per_token() if supports(model) else None,

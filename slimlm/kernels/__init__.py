@@ -94,6 +94,31 @@ def slow_path_warning() -> str | None:
     return msg
 
 
+def kernel_name(packed) -> str:
+    """What runs `packed` in the runtime: "int8/<isa>" or "float/<isa>" (a C kernel on that path),
+    or "reference" (its format has no fast path: PyTorch on the dequantized weight)."""
+    from slimlm.formats.intq import IntQuant
+    from slimlm.kernels.intq import default_path
+
+    if isinstance(packed, IntQuant) and extension() is not None:
+        return f"{default_path(extension()).value}/{isa()}"
+    return "reference"
+
+
+def kernel_summary(model) -> dict:
+    """Per kernel name, how many compressed layers of `model` it runs, and the formats with no fast path."""
+    from slimlm.formats.linear import CompressedLinear
+
+    counts, slow = {}, set()
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            k = kernel_name(m.packed)
+            counts[k] = counts.get(k, 0) + 1
+            if k == "reference":
+                slow.add(m.packed.format_name)
+    return {"layers": counts, "formats_without_kernel": sorted(slow)}
+
+
 def kernel_for(packed):
     """A callable x (..., in) -> (..., out) for `packed`, or None when no kernel serves it."""
     from slimlm.formats.intq import IntQuant
@@ -104,4 +129,5 @@ def kernel_for(packed):
     return None
 
 
-__all__ = ["IntQKernel", "available", "describe", "extension", "isa", "isas", "kernel_for", "set_isa"]
+__all__ = ["IntQKernel", "available", "describe", "extension", "isa", "isas", "kernel_for", "kernel_name", "kernel_summary",
+           "set_isa"]
