@@ -15,7 +15,9 @@ Kernel choice (`Kernel`, explicit, the reference always available):
 - `auto`: the C kernel for small batches (decoding, ≤ 16 rows) when one serves the
   format and the extension is built, the reference path otherwise.
 Layers are built with `reference` (bit-for-bit what compression and evaluation
-measured); the runtime (`slimlm.runtime`) switches a model it runs to `auto`.
+measured). The lean runtime (`slimlm.runtime.lean`) does not call these modules for the
+formats its kernels serve: it builds its own kernels from `packed` and runs every batch
+size through them, so no dequantized copy is ever cached at run time.
 A format no kernel serves, or a machine where the extension did not build, always runs
 the reference path (the latter with one warning).
 

@@ -4,8 +4,10 @@ It reads the weights of a loaded transformers model (nothing is copied except wh
 kernel repacks) and runs decoder blocks with a preallocated KV cache, in the spirit of
 gpt-fast: one function, a few tensor ops per block, no cache objects, masks or hooks.
 Linear layers run through `slimlm.kernels` when they are compressed in a format a kernel
-serves (q, k, v stacked into one call, gate and up into another), through the module's
-reference path otherwise.
+serves (q, k, v stacked into one call, gate and up into another), for prompts as for
+single tokens, so a compressed layer never has a float32 copy; through the module's
+reference path otherwise. The memory-mapped packed pages a kernel has repacked are handed
+back to their file (`slimlm.formats.mapped.release`): the weights are held once.
 
     rope          the model's own rotary module, tabulated once (theta, scaling, ...)
     GQA           queries grouped by their KV head, no repeated keys
