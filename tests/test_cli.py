@@ -138,3 +138,38 @@ def test_argparse_errors_exit_non_zero():
     assert code == 2 and "required" in err
     code, _, err = run_cli("frobnicate")
     assert code == 2
+
+
+def test_damaged_compressed_models_end_in_one_sentence(tiny_dir, tmp_path):
+    """A truncated packed file, or a layer whose stored shape disagrees with its codes, is refused
+    before any kernel reads it: one line on stderr, a non-zero exit, no traceback."""
+    import shutil
+
+    out = tmp_path / "w4"
+    assert run_cli("compress", tiny_dir, "--recipe", "rtn:bits=4,group=32", "-o", out, "-q")[0] == 0
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    raw = (cut / "packed.safetensors").read_bytes()
+    (cut / "packed.safetensors").write_bytes(raw[: len(raw) // 2])
+    lie = tmp_path / "lie"
+    shutil.copytree(out, lie)
+    man = json.loads((lie / "slimlm.json").read_text())
+    man["layers"]["model.layers.0.mlp.up_proj"]["meta"]["in_features"] *= 2  # codes now too short for the shape
+    (lie / "slimlm.json").write_text(json.dumps(man))
+    for bad in (cut, lie):
+        for cmd in (("bench", bad, "--runs", "1", "--decode-tokens", "2"), ("generate", bad, "x", "--max-new-tokens", "2")):
+            code, _, err = run_cli(*cmd)
+            assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sequence_past_the_cache_limit_is_one_clear_error(tiny_dir):
+    import slimlm
+    from slimlm.errors import SlimlmError
+    from slimlm.runtime.lean import LeanModel, RuntimeConfig
+
+    lean = LeanModel(slimlm.load(tiny_dir).model, RuntimeConfig(max_seq=8))
+    lean.prefill([1, 2, 3, 4, 5, 6])
+    lean.step(7)
+    lean.step(8)
+    with pytest.raises(SlimlmError, match="past this runtime's limit of 8"):
+        lean.step(9)
