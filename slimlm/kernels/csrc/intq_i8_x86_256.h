@@ -118,6 +118,10 @@ TARGET INLINE float hsum(__m256 a, __m256 b) {
 
 #define MT_MAX 2 /* activation rows per block */
 
+/* Without VNNI, codes of up to 4 bits keep vpmaddubsw's pair sums in 16 bits for a whole tile and
+ * widen them once: a tile is at most 8 steps, 8 · 2 · 15 · 127 = 30480 < 2^15. */
+#define PAIRS16(bits) (!I8_VNNI && (bits) <= 4)
+
 /* NS steps of weight rows p + j · row_bytes (j < NR) against activation rows xq + m · rc (m < MT). */
 TARGET INLINE void steps(const uint8_t *p, size_t row_bytes, const int8_t *xq, int rc, const int NS, const int NR,
                          const int MT, const int bits, __m256i acc[2][MT_MAX][2]) {
@@ -132,9 +136,15 @@ TARGET INLINE void steps(const uint8_t *p, size_t row_bytes, const int8_t *xq, i
             decode_step(p + j * row_bytes, bits, c);
             for (int m = 0; m < MT; m++)
                 for (int h = 0; h < 2; h++)
-                    acc[j][m][h] = bits == 8 ? dot8(acc[j][m][h], c[h], xv[m][h]) : dot(acc[j][m][h], c[h], xv[m][h]);
+                    acc[j][m][h] = bits == 8   ? dot8(acc[j][m][h], c[h], xv[m][h])
+                                   : PAIRS16(bits) ? _mm256_add_epi16(acc[j][m][h], _mm256_maddubs_epi16(c[h], xv[m][h]))
+                                                  : dot(acc[j][m][h], c[h], xv[m][h]);
         }
     }
+    if (PAIRS16(bits)) /* the 16-bit pair sums of the tile into 32-bit lane sums */
+        for (int j = 0; j < NR; j++)
+            for (int m = 0; m < MT; m++)
+                for (int h = 0; h < 2; h++) acc[j][m][h] = _mm256_madd_epi16(acc[j][m][h], _mm256_set1_epi16(1));
 }
 
 /* Weight rows r .. r + NR - 1 against activation rows m0 .. m0 + MT - 1. */

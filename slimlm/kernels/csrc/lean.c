@@ -262,13 +262,88 @@ AVX512 static int silu_mul_avx512(const float *g, const float *u, float *a, int 
     }
     return j;
 }
+
+/* The same three pieces with AVX2 + FMA, 8 lanes, for x86-64 CPUs without AVX-512 (same formulas:
+ * 2^n is built from the exponent bits, as _mm512_scalef_ps does for |n| <= 127). */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 g = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147180559945309f));
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+AVX2 static void attend_row64_avx2(const float *qn, const float *K, const float *V, int L, float scale, float *s,
+                                   float *on) {
+    __m256 q[8];
+    for (int i = 0; i < 8; i++) q[i] = _mm256_loadu_ps(qn + 8 * i);
+    float mx = -INFINITY;
+    for (int t = 0; t < L; t++) {
+        const float *k = K + (size_t)t * 64;
+        __m256 a = _mm256_mul_ps(q[0], _mm256_loadu_ps(k)), b = _mm256_mul_ps(q[1], _mm256_loadu_ps(k + 8));
+        for (int i = 2; i < 8; i += 2) {
+            a = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(k + 8 * i), a);
+            b = _mm256_fmadd_ps(q[i + 1], _mm256_loadu_ps(k + 8 * i + 8), b);
+        }
+        s[t] = hsum256(_mm256_add_ps(a, b)) * scale;
+        mx = s[t] > mx ? s[t] : mx;
+    }
+    __m256 zs = _mm256_setzero_ps();
+    const __m256 vmx = _mm256_set1_ps(mx);
+    int t = 0;
+    for (; t + 8 <= L; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+        _mm256_storeu_ps(s + t, e);
+        zs = _mm256_add_ps(zs, e);
+    }
+    float z = hsum256(zs);
+    for (; t < L; t++) z += s[t] = expf(s[t] - mx);
+    const float iz = 1.f / z;
+    __m256 o[8];
+    for (int i = 0; i < 8; i++) o[i] = _mm256_setzero_ps();
+    for (t = 0; t < L; t++) {
+        const __m256 p = _mm256_set1_ps(s[t] * iz);
+        const float *v = V + (size_t)t * 64;
+        for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), o[i]);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(on + 8 * i, o[i]);
+}
+
+AVX2 static int silu_mul_avx2(const float *g, const float *u, float *a, int n) {
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + j), one = _mm256_set1_ps(1.f);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
+    }
+    return j;
+}
 #endif
 
 /* a[j] = silu(g[j]) · u[j] for j < n (a may be g, or lie below it: each a[j] is written after g[j] and u[j] are read). */
 static void silu_mul(const float *g, const float *u, float *a, int n) {
     int j = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (intq_has_avx512()) j = silu_mul_avx512(g, u, a, n);
+    if (intq_has_avx512())
+        j = silu_mul_avx512(g, u, a, n);
+    else if (intq_has_avx2())
+        j = silu_mul_avx2(g, u, a, n);
 #endif
     for (; j < n; j++) {
         const float gj = g[j];
@@ -284,7 +359,7 @@ static void attention(const float *q, int qs, const float *kc, const float *vc, 
     const int rep = nq / nkv;
     const float scale = 1.f / sqrtf((float)hd);
 #if defined(__x86_64__) && defined(__GNUC__)
-    const int fast = hd == 64 && intq_has_avx512();
+    const int fast = hd != 64 ? 0 : intq_has_avx512() ? 2 : intq_has_avx2() ? 1 : 0;
 #else
     const int fast = 0;
 #endif
@@ -297,7 +372,10 @@ static void attention(const float *q, int qs, const float *kc, const float *vc, 
         float *s = score + (size_t)mn * cap, *on = o + (size_t)mn * hd;
 #if defined(__x86_64__) && defined(__GNUC__)
         if (fast) {
-            attend_row64_avx512(qn, K, V, L, scale, s, on);
+            if (fast == 2)
+                attend_row64_avx512(qn, K, V, L, scale, s, on);
+            else
+                attend_row64_avx2(qn, K, V, L, scale, s, on);
             continue;
         }
 #endif
