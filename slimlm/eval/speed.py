@@ -1,7 +1,8 @@
 """Speed and memory: prefill and decode tokens/s, peak resident memory.
 
 Prefill: one forward over a `prompt_tokens` prompt with a fresh cache. Decode: greedy
-tokens after that prompt, one forward each with the KV cache. Each figure is the
+tokens after that prompt, one forward each with the KV cache; the first of n tokens comes
+from the prompt's logits, so decode tokens/s is (n - 1) steps over their time. Each figure is the
 median of `runs` runs after one warm-up run; threads are set (torch and the C kernels
 share one OpenMP pool) and reported. Llama-family models run on the lean runtime
 (`slimlm.runtime.lean`, C kernels for packed layers); `weight_bytes_per_token` is what
@@ -47,10 +48,13 @@ def bench_model(model, tokenizer, prompt_tokens: int = 128, decode_tokens: int =
         if r == 0:
             continue  # warm-up
         prefill.append(len(ids) / (marks["p"] - t0))
-        decode.append(n / (t1 - marks["p"]))
+        # the first token comes from the prompt's logits: n tokens take n - 1 decode steps after the prefill
+        decode.append(max(n - 1, 1) / (t1 - marks["p"]))
     return {
         "prefill_tps": statistics.median(prefill),
         "decode_tps": statistics.median(decode),
+        "prefill_tps_min_max": [min(prefill), max(prefill)],
+        "decode_tps_min_max": [min(decode), max(decode)],
         "prompt_tokens": len(ids),
         "decode_tokens": decode_tokens,
         "runs": runs,
