@@ -120,3 +120,23 @@ def test_row_chunks_stack_to_the_matrix(bits, shape):
 
         a, b = IntQKernel(chunks, extension()), IntQKernel(p, extension())
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+
+
+@needs_kernels
+def test_mixed_layouts_run_one_kernel_each(monkeypatch):
+    """q/k/v at different bits cannot share one kernel call: each gets its own kernel (not the
+    reference path, which would cache a float32 weight on a long prefill)."""
+    monkeypatch.setenv("SLIMLM_INTQ_PATH", "int8")
+    lm = tiny_model("llama", seed=0)
+    compress_model(lm, "rtn:bits=4,group=16+rtn:bits=8,group=16@*.v_proj", progress=False)
+    ids = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        ref = lm.model(torch.tensor([ids])).logits[0]
+    for m in lm.model.modules():
+        if isinstance(m, CompressedLinear):
+            m.drop_cache()
+    lean = LeanModel(lm.model, RuntimeConfig())
+    assert lean.blocks[0].qkv.kernel is None and len(lean.blocks[0].qkv.parts) == 3
+    got = lean.extend(ids, all_logits=True)
+    assert (got - ref).abs().max() < 0.03 * ref.abs().max()
+    assert all(m._weight is None for m in lm.model.modules() if isinstance(m, CompressedLinear))
