@@ -140,3 +140,24 @@ def test_mixed_layouts_run_one_kernel_each(monkeypatch):
     got = lean.extend(ids, all_logits=True)
     assert (got - ref).abs().max() < 0.03 * ref.abs().max()
     assert all(m._weight is None for m in lm.model.modules() if isinstance(m, CompressedLinear))
+
+
+@needs_kernels
+def test_runtime_head_is_quantized_in_row_chunks_as_a_whole(monkeypatch):
+    """`head_bits` quantizes the head a chunk of rows at a time (RTN is row by row): the stacked
+    kernel holds exactly the codes of the whole-matrix RTN, for a dense and a compressed head."""
+    from slimlm.kernels.intq import IntQKernel
+    from slimlm.methods.affine import quantize_rtn
+    from slimlm.runtime import lean as lean_mod
+
+    monkeypatch.setattr(lean_mod._LinearOp, "REPACK_ROWS", 64)  # 384 rows: 6 chunks
+    for recipe in (None, "rtn:bits=4,group=16+rtn:bits=8,group=16@lm_head"):
+        lm = tiny_model("llama", seed=0)
+        if recipe:
+            compress_model(lm, recipe, progress=False)
+        head = lm.model.get_output_embeddings()
+        w = head.packed.dequantize() if isinstance(head, CompressedLinear) else head.weight
+        whole = IntQKernel(quantize_rtn(w.detach().float(), 4, 16), extension())
+        got = LeanModel(lm.model, RuntimeConfig(head_bits=4, head_group=16)).head
+        assert len(got.mods) == 6 and torch.equal(got.kernel.codes, whole.codes)
+        assert torch.equal(got.kernel.scales, whole.scales) and torch.equal(got.kernel.mins, whole.mins)

@@ -280,11 +280,24 @@ class LeanModel:
             return _LinearOp([head], runtime.kernel)
         from slimlm.methods.affine import quantize_rtn
 
-        w = head.weight if not isinstance(head, CompressedLinear) else head.packed.dequantize()
-        group = min(runtime.head_group, w.shape[1])
-        lin = CompressedLinear(quantize_rtn(w.detach().float(), runtime.head_bits, group), bias=head.bias,
-                               method="runtime-head")
-        return _LinearOp([lin], runtime.kernel)
+        # RTN is row by row: quantized a chunk of rows at a time, stacked back into one kernel,
+        # so neither a dense head's float temporaries nor a compressed head's decoded table is whole
+        out, step = head.out_features, _LinearOp.REPACK_ROWS
+        group = min(runtime.head_group, head.in_features)
+        packed = head.packed if isinstance(head, CompressedLinear) else None
+        rows_of = getattr(packed, "dequantize_rows", None)
+        table = packed.dequantize() if packed is not None and rows_of is None else None  # no row decoder: once
+        parts = []
+        for r0 in range(0, out, step):
+            r1 = min(r0 + step, out)
+            if packed is None:
+                w = head.weight[r0:r1]
+            else:
+                w = rows_of(torch.arange(r0, r1)) if rows_of is not None else table[r0:r1]
+            bias = None if head.bias is None else head.bias[r0:r1]
+            parts.append(CompressedLinear(quantize_rtn(w.detach().float(), runtime.head_bits, group), bias=bias,
+                                          method="runtime-head"))
+        return _LinearOp(parts, runtime.kernel)
 
     # ----- cache -----------------------------------------------------------------------
     def _ensure(self, length: int) -> None:
