@@ -78,6 +78,8 @@ def release(tensors) -> int:
     """Drop the resident pages wholly inside `tensors` that lie in a map of `map_safetensors`;
     returns the bytes advised (they stay readable, from the file)."""
     done = 0
+    if not hasattr(mmap, "MADV_DONTNEED"):  # no madvise on this platform: the pages simply stay
+        return done
     for t in tensors:
         lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
         for start, (end, ref) in list(_MAPS.items()):
