@@ -185,6 +185,20 @@ def stackable(packs) -> bool:
                == (p0.in_features, p0.bits, p0.group, p0.symmetric) for p in packs)
 
 
+def _stack_rows(packs, part) -> torch.Tensor:
+    """part(p) of every pack stacked along the rows into one buffer allocated once, each part made
+    and copied in turn (a cat of all parts would hold the whole twice: 56 MB for an 8-bit head)."""
+    first = part(packs[0])
+    out = torch.empty((sum(p.out_features for p in packs), *first.shape[1:]), dtype=first.dtype)
+    out[: packs[0].out_features] = first
+    r = packs[0].out_features
+    del first
+    for p in packs[1:]:
+        out[r: r + p.out_features] = part(p)
+        r += p.out_features
+    return out
+
+
 class IntQKernel:
     """x (..., in) float32 -> (..., out), computed from the repacked codes of one IntQuant —
     or of several with the same input width and layout stacked along the output rows
@@ -203,16 +217,16 @@ class IntQKernel:
         self.bits, self.group = p0.bits, p0.group
         self._path = default_path(ext) if path is None else Path(path)
         if self._path is Path.INT8:
-            self.codes = torch.cat([repack_i8(p) for p in packs]).contiguous()
+            self.codes = _stack_rows(packs, repack_i8)
             if self.codes.shape[1] * 8 != ext.layout_i8(self.in_features, self.group)[1] * self.bits:
                 raise RuntimeError("int8-path layout: Python and C disagree on the row length (rebuild the extension)")
             self._matmul, self._dequant = ext.matmul_i8, ext.dequant_i8
         else:
-            self.codes = torch.cat([repack(p) for p in packs]).contiguous()
+            self.codes = _stack_rows(packs, repack)
             self._matmul, self._dequant = ext.matmul, ext.dequant
         # fp16 bit patterns, read by the C code as uint16
-        self.scales = torch.cat([p.scales for p in packs]).contiguous().view(torch.int16)
-        self.mins = None if p0.mins is None else torch.cat([p.mins for p in packs]).contiguous().view(torch.int16)
+        self.scales = _stack_rows(packs, lambda p: p.scales).view(torch.int16)
+        self.mins = None if p0.mins is None else _stack_rows(packs, lambda p: p.mins).view(torch.int16)
         self._args = (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
                       self.out_features, self.in_features, self.group, self.bits)
 

@@ -81,29 +81,33 @@ TARGET INLINE void decode_step(const uint8_t *q, const int bits, __m256i c[2]) {
     c[0] = a, c[1] = b;
 }
 
-/* The fp16 scales (or minimums) of a tile's 16 lanes as two float vectors (lanes 0..7, 8..15). */
+/* The fp16 scales (or minimums) of a tile's 16 lanes as two float vectors (lanes 0..7, 8..15).
+ * Lane l takes group g0 + idx[l] of the row's G. The 8 (or 16) values are loaded from the row
+ * itself, shifted back from its end when g0 is among its last groups, so nothing past the row is
+ * read and nothing is copied (a copy made every row stalls on store forwarding). */
 TARGET INLINE void lane_params(const uint16_t *s, const intq_tile_t *T, int G, __m256 v[2]) {
     if (T->ident) {
         v[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + T->g0)));
         v[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + T->g0 + 8)));
         return;
     }
-    const int wide = T->ng > 8;
-    uint16_t buf[16];
-    const uint16_t *src = s + T->g0;
-    if (T->g0 + (wide ? 16 : 8) > G) { /* the row's last groups: do not read past them */
-        memset(buf, 0, sizeof buf);
-        memcpy(buf, src, (size_t)T->ng * sizeof *src);
-        src = buf;
+    const int span = T->ng > 8 ? 16 : 8;
+    if (G < span) { /* a row shorter than one load: the portable conversion */
+        float f[16];
+        for (int l = 0; l < 16; l++) f[l] = _cvtsh_ss(s[T->g0 + T->idx[l]]);
+        v[0] = _mm256_loadu_ps(f), v[1] = _mm256_loadu_ps(f + 8);
+        return;
     }
-    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)src));
-    const __m256 b = wide ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 8))) : a;
+    const int start = T->g0 + span <= G ? T->g0 : G - span;
+    const __m256i off = _mm256_set1_epi32(T->g0 - start);
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + start)));
+    const __m256 b = span == 16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + start + 8))) : a;
     for (int h = 0; h < 2; h++) {
-        const __m256i i = _mm256_loadu_si256((const __m256i *)(T->idx + 8 * h));
+        const __m256i i = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(T->idx + 8 * h)), off);
         const __m256 lo = _mm256_permutevar8x32_ps(a, i);
-        v[h] = wide ? _mm256_blendv_ps(lo, _mm256_permutevar8x32_ps(b, i),
-                                       _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7))))
-                    : lo;
+        v[h] = span == 16 ? _mm256_blendv_ps(lo, _mm256_permutevar8x32_ps(b, i),
+                                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7))))
+                          : lo;
     }
 }
 
@@ -117,6 +121,7 @@ TARGET INLINE float hsum(__m256 a, __m256 b) {
 }
 
 #define MT_MAX 2 /* activation rows per block */
+#define NR_MAX 4 /* weight rows per block */
 
 /* Without VNNI, codes of up to 4 bits keep vpmaddubsw's pair sums in 16 bits for a whole tile and
  * widen them once: a tile is at most 8 steps, 8 · 2 · 15 · 127 = 30480 < 2^15. */
@@ -124,7 +129,7 @@ TARGET INLINE float hsum(__m256 a, __m256 b) {
 
 /* NS steps of weight rows p + j · row_bytes (j < NR) against activation rows xq + m · rc (m < MT). */
 TARGET INLINE void steps(const uint8_t *p, size_t row_bytes, const int8_t *xq, int rc, const int NS, const int NR,
-                         const int MT, const int bits, __m256i acc[2][MT_MAX][2]) {
+                         const int MT, const int bits, __m256i acc[NR_MAX][MT_MAX][2]) {
     for (int k = 0; k < NS; k++, p += 8 * bits, xq += 64) {
         __m256i xv[MT_MAX][2];
         for (int m = 0; m < MT; m++) {
@@ -155,12 +160,12 @@ TARGET INLINE void rows_block(const intq_t *W, const intq_x8_t *X, int r, const 
     const uint8_t *p = W->codes + (size_t)r * row_bytes;
     const int8_t *xq = X->xq + (size_t)m0 * rc;
     const float *dv = X->dv + (size_t)m0 * nt * 16, *xs = X->xsv + (size_t)m0 * nt * 16;
-    __m256 acc[2][MT_MAX][2];
+    __m256 acc[NR_MAX][MT_MAX]; /* both halves of a row's lanes, in one fixed order */
     for (int j = 0; j < NR; j++)
-        for (int m = 0; m < MT; m++) acc[j][m][0] = acc[j][m][1] = _mm256_setzero_ps();
+        for (int m = 0; m < MT; m++) acc[j][m] = _mm256_setzero_ps();
     for (int i = 0; i < nt; i++, dv += 16, xs += 16) {
         const intq_tile_t *T = &X->tiles[i];
-        __m256i is[2][MT_MAX][2];
+        __m256i is[NR_MAX][MT_MAX][2];
         for (int j = 0; j < NR; j++)
             for (int m = 0; m < MT; m++) is[j][m][0] = is[j][m][1] = _mm256_setzero_si256();
         switch (T->nsteps) { /* constant trip counts: unrolled, accumulators stay in registers */
@@ -182,14 +187,14 @@ TARGET INLINE void rows_block(const intq_t *W, const intq_x8_t *X, int r, const 
                     const __m256 d = _mm256_loadu_ps(dv + (size_t)m * nt * 16 + 8 * h);
                     const __m256 x = _mm256_loadu_ps(xs + (size_t)m * nt * 16 + 8 * h);
                     if (t)
-                        acc[j][m][h] = _mm256_fmadd_ps(tv[h], x, _mm256_fmadd_ps(_mm256_mul_ps(f, d), sv[h], acc[j][m][h]));
+                        acc[j][m] = _mm256_fmadd_ps(tv[h], x, _mm256_fmadd_ps(_mm256_mul_ps(f, d), sv[h], acc[j][m]));
                     else
-                        acc[j][m][h] = _mm256_fmadd_ps(_mm256_fmadd_ps(f, d, x), sv[h], acc[j][m][h]);
+                        acc[j][m] = _mm256_fmadd_ps(_mm256_fmadd_ps(f, d, x), sv[h], acc[j][m]);
                 }
         }
     }
     for (int j = 0; j < NR; j++)
-        for (int m = 0; m < MT; m++) y[(size_t)(m0 + m) * W->out + r + j] = hsum(acc[j][m][0], acc[j][m][1]);
+        for (int m = 0; m < MT; m++) y[(size_t)(m0 + m) * W->out + r + j] = hsum(acc[j][m], _mm256_setzero_ps());
 }
 
 /* Weight rows ahead of the current one whose codes and parameters are prefetched (as intq_i8_avx512.c). */
