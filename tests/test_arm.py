@@ -15,7 +15,8 @@ harness runs `intq_matmul_i8` once per ISA (neon_dotprod, then scalar) and write
 
 Over bits 2..8, symmetric and asymmetric, test_kernels.py's SHAPES and M in 1..5, 16, 70,
 three OpenMP threads (uneven row ranges). The harness puts every input against an
-unmapped page, so a read past the scales of a row's last groups crashes it.
+unmapped page, so a read past the scales of a row's last groups crashes it. A clang build
+of the harness (its dot product is clang's builtin) must give GCC's NEON results bit for bit.
 """
 
 import os
@@ -39,6 +40,7 @@ CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
 FLAGS = ["-O2", "-std=gnu11", "-Wall", "-Werror"]
 # others' files that still warn on aarch64 (reported, not ours to edit): -Wno-error for that warning only
 KNOWN_WARNINGS = {"intq.c": "unused-variable", "lean.c": "unused-variable"}
+HARNESS_SOURCES = ["cpu.c", "intq_i8.c", "intq_i8_neon.c"]
 X86_ONLY = ["intq_avx512.c", "intq_i8_avx512.c", "intq_i8_avx2.c", "intq_i8_avxvnni.c"]
 
 # tests/test_kernels.py's (out, in, group), group 0 = per channel, and two more
@@ -63,15 +65,38 @@ def _cc(args, what):
     return r
 
 
+def _build(tmp_path_factory, cc: list[str], flags: list[str]) -> Path:
+    """The harness, static (qemu needs no aarch64 libraries), built by cc with the real kernel sources."""
+    exe = tmp_path_factory.mktemp("arm") / "kernel_harness"
+    srcs = [HARNESS, *(CSRC / n for n in HARNESS_SOURCES)]
+    _cc([*cc, *FLAGS, *flags, "-static", f"-I{CSRC}", *map(str, srcs), "-lm", "-o", str(exe)], "building the harness")
+    return exe
+
+
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    """The harness, built once per session: static, so qemu needs no aarch64 libraries."""
+    """GCC's build, with OpenMP (cached for the session)."""
     _need(CC, QEMU)
-    exe = tmp_path_factory.mktemp("arm") / "kernel_harness"
-    srcs = [HARNESS, CSRC / "cpu.c", CSRC / "intq_i8.c", CSRC / "intq_i8_neon.c"]
-    args = [CC, *FLAGS, "-fopenmp", "-static", f"-I{CSRC}", *map(str, srcs), "-lm", "-o", str(exe)]
-    _cc(args, "building the harness")
-    return exe
+    return _build(tmp_path_factory, [CC], ["-fopenmp"])
+
+
+@pytest.fixture(scope="session")
+def clang_harness(tmp_path_factory):
+    """clang's build (no OpenMP: clang has no aarch64 libomp here), where the kernel's dot
+    product is clang's sdot builtin rather than vdotq_s32 (clang < 16)."""
+    _need(CC, QEMU, "clang")  # clang links with the GNU cross toolchain's C library
+    return _build(tmp_path_factory, ["clang", "--target=aarch64-linux-gnu"], ["-Wno-unknown-pragmas"])
+
+
+def _run(exe: Path, cases: Path, isas, threads: int):
+    env = {k: v for k, v in os.environ.items() if k != "SLIMLM_ISA"}
+    env["OMP_NUM_THREADS"] = str(threads)
+    y = cases.with_suffix(".y")
+    r = subprocess.run([QEMU, str(exe), str(cases), str(y), *isas], capture_output=True, text=True, env=env,
+                       timeout=300)
+    if r.returncode:
+        pytest.fail(f"the harness failed under {QEMU} (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return np.fromfile(y, dtype=np.float32), r.stdout
 
 
 def _exact_case(bits, sym, out, inp, group, m, seed):
@@ -117,7 +142,7 @@ CASES = [(kind, bits, sym, shape, m) for kind in ("exact", "random") for bits in
 
 @pytest.fixture(scope="module")
 def runs(harness, tmp_path_factory):
-    """Every case through the harness in one qemu run: {case: (p, x, {isa: y})}, and its stdout."""
+    """Every case through the harness in one qemu run: {case: (p, x, {isa: y})}, its stdout, the case file."""
     d = tmp_path_factory.mktemp("arm_cases")
     made = {}
     with open(d / "cases.bin", "wb") as f:
@@ -126,13 +151,7 @@ def runs(harness, tmp_path_factory):
             p, x = (_exact_case if kind == "exact" else _random_case)(bits, sym, *shape, m, seed=i)
             f.write(_pack(p, x))
             made[case] = (p, x)
-    env = {k: v for k, v in os.environ.items() if k != "SLIMLM_ISA"}
-    env["OMP_NUM_THREADS"] = "3"
-    r = subprocess.run([QEMU, str(harness), str(d / "cases.bin"), str(d / "y.bin"), *ISAS], capture_output=True,
-                       text=True, env=env, timeout=300)
-    if r.returncode:
-        pytest.fail(f"the harness failed under {QEMU} (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    y = np.fromfile(d / "y.bin", dtype=np.float32)
+    y, stdout = _run(harness, d / "cases.bin", ISAS, threads=3)
     out, n = {}, 0
     for case in CASES:
         p, x = made[case]
@@ -143,7 +162,7 @@ def runs(harness, tmp_path_factory):
             n += size
         out[case] = (p, x, ys)
     assert n == y.size, "the harness wrote more results than cases"
-    return out, r.stdout
+    return out, stdout, d / "cases.bin"
 
 
 def test_qemu_runs_the_neon_kernel(runs):
@@ -175,13 +194,25 @@ def test_neon_equals_the_emulation(runs, bits, sym):
                 assert rel < TOL, (isa, shape, m, rel)
 
 
+def test_clang_build_gives_the_same_results(runs, clang_harness):
+    y, _ = _run(clang_harness, runs[2], ["neon_dotprod"], threads=1)
+    n = 0
+    for case in CASES:
+        p, x, ys = runs[0][case]
+        size = x.shape[0] * p.out_features
+        got = torch.from_numpy(y[n:n + size].copy()).view(x.shape[0], p.out_features)
+        n += size
+        assert torch.equal(got, ys["neon_dotprod"]), case  # explicit vector float ops: the same bits
+    assert n == y.size
+
+
 def test_every_source_compiles_for_aarch64(tmp_path):
     """All kernel sources build for aarch64 with -Wall -Werror; the x86 ones compile to nothing there."""
     _need(CC, "aarch64-linux-gnu-nm")
     for omp in ([], ["-fopenmp"]):
         for src in sorted(CSRC.glob("*.c")):
-            if src.name == "module.c":
-                continue  # needs the target's Python headers: tests/test_builds.py covers it on this host
+            if src.name == "module.c" or (omp and src.name in HARNESS_SOURCES):
+                continue  # module.c needs aarch64 Python headers; the harness built the others with OpenMP
             obj = tmp_path / (src.stem + ".o")
             extra = [f"-Wno-error={KNOWN_WARNINGS[src.name]}"] if src.name in KNOWN_WARNINGS else []
             extra += [] if omp else ["-Wno-unknown-pragmas"]  # without OpenMP its pragmas are ignored by design
