@@ -96,9 +96,11 @@ def worker_llama(name: str, a) -> dict:
     import llama_cpp
 
     path = OUT / f"{name.split()[-1]}.gguf"
-    # n_batch = the prompt: llama-cpp-python keeps an (n_batch, vocab) float32 logits array, 100 MB at its 512
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=a.threads, n_threads_batch=a.threads,
-                          n_batch=a.prompt_tokens, verbose=False)
+    # llama-cpp-python keeps an (n_batch, vocab) float32 logits array indexed by position: n_batch covers the
+    # prompt and the decoded tokens (its untouched rows are never resident, so they add no RSS)
+    n = a.prompt_tokens + a.decode_tokens
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, n), n_threads=a.threads, n_threads_batch=a.threads,
+                          n_batch=n, verbose=False)
     ids = llm.tokenize(prompt_text().encode(), add_bos=False)[: a.prompt_tokens]
     pre, dec = [], []
     for r in range(a.runs + 1):
