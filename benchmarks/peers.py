@@ -39,9 +39,14 @@ LLAMA = ("llama.cpp Q4_0", "llama.cpp Q4_1", "llama.cpp Q8_0")
 
 
 def prompt_text() -> str:
-    from slimlm.data import corpus_text
+    """The built-in evaluation text's start, written once by the parent: a llama.cpp worker must not
+    import slimlm.data (which imports torch, 220 MB of RSS that is not llama.cpp's)."""
+    path = OUT / "prompt.txt"
+    if not path.exists():
+        from slimlm.data import corpus_text
 
-    return corpus_text("evaluation")[:20000]
+        path.write_text(corpus_text("evaluation")[:20000])
+    return path.read_text()
 
 
 def prepare(names: list[str], threads: int) -> None:
@@ -143,6 +148,7 @@ def main() -> None:
         names = [n for n in names if n not in LLAMA]
         print("llama-cpp-python is not installed: slimlm engines only", file=sys.stderr)
     prepare(names, a.threads)
+    prompt_text()
     env = dict(os.environ)
     if a.isa:
         env["SLIMLM_ISA"] = a.isa
