@@ -210,6 +210,65 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_export_native(a) -> int:
+    from slimlm.runtime.native import export_native
+
+    res = export_native(a.model, a.output, overwrite=a.force)
+    if a.json:
+        print_json(res)
+    else:
+        print(f"wrote {res['output']}: {res['layers']} blocks for `slimlm run`, {res['size_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from slimlm.runtime.native import NativeModel
+
+    m = NativeModel(a.model, threads=a.threads)
+    if a.bench:
+        res = m.bench(a.prompt_tokens, a.decode_tokens, a.runs)
+        if a.json:
+            print_json(res)
+        else:
+            print(f"prefill {res['prefill_tps']:.1f} tokens/s ({res['prompt_tokens']} tokens), decode "
+                  f"{res['decode_tps']:.1f} tokens/s, {res['threads']} threads, peak RSS "
+                  f"{res['peak_rss_bytes'] / 2**20:.0f} MiB, {res['size_bytes'] / 1e6:.1f} MB, kernels {res['isa']}")
+        return 0
+    if a.prompt is None:
+        from slimlm.errors import SlimlmError
+
+        raise SlimlmError("give a prompt to run (or --bench)")
+    on_text = None if a.json else (lambda s: print(s, end="", flush=True))
+    text = m.generate(a.prompt, a.max_new_tokens, chat=not a.no_chat, on_text=on_text, stop=tuple(a.stop or ()),
+                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.json:
+        print_json({"model": a.model, "text": text})
+    else:
+        print()
+    return 0
+
+
+def add_run_parser(sub):
+    """`slimlm run`: parsed without the rest of the CLI, whose parser imports torch (see `main`)."""
+    r = sub.add_parser("run", help="generate (or --bench) from a `slimlm export-native` directory, without torch")
+    r.add_argument("model", help="a directory written by `slimlm export-native`")
+    r.add_argument("prompt", nargs="?")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    r.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
+    r.add_argument("--threads", type=int, default=None, help="kernel threads (default: OpenMP's, all cores)")
+    r.add_argument("--bench", action="store_true", help="prefill and decode tokens/s and peak RSS instead of text")
+    r.add_argument("--prompt-tokens", type=int, default=128, help="bench: prompt length")
+    r.add_argument("--decode-tokens", type=int, default=64, help="bench: tokens decoded per run")
+    r.add_argument("--runs", type=int, default=3, help="bench: timed runs after one warm-up; the median is reported")
+    r.set_defaults(fn=cmd_run)
+    return r
+
+
 def add_eval_flags(p, default_max=True):
     from slimlm.eval.run import DEFAULT_MAX_TOKENS
 
@@ -293,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help=src_help)
     i.set_defaults(fn=cmd_info)
 
+    x = sub.add_parser("export-native", help="write a compressed model for `slimlm run` (the torch-free runtime)")
+    x.add_argument("model", help="a slimlm directory whose block linears and head are integer (rtn, gptq, awq...)")
+    x.add_argument("--output", "-o", required=True, help="directory to write (written atomically)")
+    x.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    x.set_defaults(fn=cmd_export_native)
+    add_run_parser(sub)
+
     from slimlm.commands import register_all
 
     register_all(sub)
@@ -305,7 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from slimlm.errors import SlimlmError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # torch-free: the full parser imports the method registry, hence torch
+        p = argparse.ArgumentParser(prog="slimlm")
+        r = add_run_parser(p.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
+        r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        args = p.parse_args(argv)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except SlimlmError as e:
