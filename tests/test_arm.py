@@ -194,6 +194,52 @@ def test_neon_equals_the_emulation(runs, bits, sym):
                 assert rel < TOL, (isa, shape, m, rel)
 
 
+def _rounding(x, group):
+    """quantize_blocks of intq_i8.c in float32 torch: xi (M, nsub · B) int8, d and σ (M, nsub)."""
+    m, inp = x.shape
+    b = act_block(group)
+    gpb = -(-group // b) * b
+    c = torch.arange(inp)
+    xp = torch.zeros(m, -(-inp // group) * gpb)
+    xp[:, (c // group) * gpb + c % group] = x
+    blocks = xp.view(m, -1, b)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros(()))
+    xi = torch.round(blocks * inv[..., None]).clamp(-127, 127)
+    return xi.to(torch.int8).view(m, -1), d, d * xi.sum(-1)
+
+
+def test_neon_activation_rounding_is_the_portable_one(harness, tmp_path):
+    """intq_quantize_blocks_neon against quantize_blocks' arithmetic, bit for bit: Gaussian rows
+    at two scales, a row of ties (half-integers with max 127: d = 1, so round half to even
+    decides every other code) and a zero row (d = 0), on every shape's block layout."""
+    g = torch.Generator().manual_seed(0)
+    made = []
+    with open(tmp_path / "cases.bin", "wb") as f:
+        for out, inp, group in SHAPES:
+            p = quantize_rtn(torch.randn(out, inp, generator=g), 4, group)
+            ties = torch.randint(-254, 255, (inp,), generator=g).float() / 2
+            ties[(torch.arange(inp) % p.group) % act_block(p.group) == 0] = 127.0  # every block's max
+            x = torch.stack([torch.randn(inp, generator=g), 1e3 * torch.randn(inp, generator=g), ties,
+                             torch.zeros(inp)])
+            f.write(_pack(p, x))
+            made.append((p, x))
+    y, _ = _run(harness, tmp_path / "cases.bin", ["--quantize", "neon_dotprod"], threads=1)
+    raw, n = y.view(np.uint8), 0
+    for p, x in made:
+        xi, d, sig = _rounding(x, p.group)
+        nsub = d.shape[1]
+        for r in range(x.shape[0]):
+            got_xi = torch.from_numpy(raw[n:n + xi.shape[1]].copy()).view(torch.int8)
+            n += xi.shape[1]
+            got = torch.from_numpy(raw[n:n + 8 * nsub].copy()).view(torch.float32)
+            n += 8 * nsub
+            shape = (p.out_features, p.in_features, p.group)
+            assert torch.equal(got_xi, xi[r]), (shape, r)
+            assert torch.equal(got[:nsub], d[r]) and torch.equal(got[nsub:], sig[r]), (shape, r)
+    assert n == raw.size
+
+
 def test_clang_build_gives_the_same_results(runs, clang_harness):
     y, _ = _run(clang_harness, runs[2], ["neon_dotprod"], threads=1)
     n = 0

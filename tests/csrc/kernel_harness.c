@@ -5,7 +5,9 @@
  *
  * prints "default <isa>" (the kernel cpu.c picks with SLIMLM_ISA unset) and "isas <list>",
  * then for each case of CASES and each ISA named, runs intq_matmul_i8 with that ISA forced
- * and appends y (M, out) float32 to OUT. CASES is a sequence of cases, little-endian:
+ * and appends y (M, out) float32 to OUT. With "--quantize ISA" instead, it appends for
+ * each case and activation row what that ISA's activation rounding gives: xi (nsub, B) int8,
+ * d (nsub,) and σ (nsub,) float32. CASES is a sequence of cases, little-endian:
  *
  *   int32 out, in, group, bits, has_mins, M, row_bytes
  *   uint8 codes[out · row_bytes]    the int8-path layout (slimlm.kernels.intq.repack_i8)
@@ -53,12 +55,31 @@ static void *read_buf(FILE *f, size_t n, buf_t *b) {
     return b->p;
 }
 
+/* Each activation row through the ISA's own int8 rounding (the quantize field of its kernels). */
+static void quantize_rows(const intq_t *W, const float *x, int M, const char *isa, FILE *out) {
+    if (intq_set_isa(isa)) die("this CPU cannot run ", isa);
+    const intq_quantize_fn q = intq_i8_kernels()->quantize;
+    if (!q) die("no activation rounding of its own in ", isa);
+    buf_t bq, bd;
+    const size_t n = (size_t)W->nsub * W->B;
+    int8_t *xi = guarded(n, &bq.base, &bq.len);
+    float *ds = guarded(2 * W->nsub * sizeof(float), &bd.base, &bd.len);
+    for (int m = 0; m < M; m++) {
+        q(W, x + (size_t)m * W->in, xi, ds, ds + W->nsub);
+        if (fwrite(xi, 1, n, out) != n || fwrite(ds, sizeof(float), 2 * W->nsub, out) != 2 * (size_t)W->nsub)
+            die("cannot write the output", NULL);
+    }
+    munmap(bq.base, bq.len), munmap(bd.base, bd.len);
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) die("usage: kernel_harness CASES OUT ISA...", NULL);
     printf("default %s\nisas %s\n", intq_isa(), intq_isas());
     fflush(stdout);
     FILE *in = fopen(argv[1], "rb"), *out = fopen(argv[2], "wb");
     if (!in || !out) die("cannot open ", !in ? argv[1] : argv[2]);
+    const int quant = !strcmp(argv[3], "--quantize");
+    if (quant && argc != 5) die("usage: kernel_harness CASES OUT --quantize ISA", NULL);
     int32_t h[7];
     while (fread(h, sizeof h, 1, in) == 1) {
         intq_t W = {0};
@@ -77,7 +98,8 @@ int main(int argc, char **argv) {
         W.mins = has_mins ? read_buf(in, (size_t)W.out * W.G * 2, &bm) : NULL;
         const float *x = read_buf(in, (size_t)M * W.in * sizeof(float), &bx);
         float *y = guarded((size_t)M * W.out * sizeof(float), &by.base, &by.len);
-        for (int i = 3; i < argc; i++) {
+        if (quant) quantize_rows(&W, x, M, argv[4], out);
+        for (int i = 3; !quant && i < argc; i++) {
             const int rc = intq_set_isa(argv[i]);
             if (rc) die(rc == -1 ? "this CPU cannot run " : "no kernels named ", argv[i]);
             memset(y, 0xff, (size_t)M * W.out * sizeof(float)); /* NaN: a row left unwritten shows */

@@ -84,7 +84,7 @@ static const intq_i8_kernels_t KERNELS[] = {
     {"avx2", F_AVX2, 0, intq_quantize_blocks_avx2, intq_rows_i8_avx2},
 #endif
 #if defined(__aarch64__)
-    {"neon_dotprod", F_NEONDOT, 0, NULL, intq_rows_i8_neon},
+    {"neon_dotprod", F_NEONDOT, 0, intq_quantize_blocks_neon, intq_rows_i8_neon},
 #endif
     {"scalar", 0, 0, NULL, intq_rows_i8_scalar},
 };

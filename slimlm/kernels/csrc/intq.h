@@ -101,5 +101,6 @@ void intq_rows_i8_avx512(const intq_t *W, const intq_x8_t *X, int r0, int r1, in
 void intq_quantize_blocks_avx2(const intq_t *W, const float *x, int8_t *xi, float *d, float *sig);
 void intq_rows_i8_avx2(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
 void intq_rows_i8_avxvnni(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
+void intq_quantize_blocks_neon(const intq_t *W, const float *x, int8_t *xi, float *d, float *sig);
 void intq_rows_i8_neon(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y);
 #endif

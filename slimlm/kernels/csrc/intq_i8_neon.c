@@ -265,6 +265,45 @@ static void rows_any(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M,
     }
 }
 
+/* Per sub-block: amax, d = amax / 127, xi = round-half-even(x · (1 / d)), σ = d · Σ xi — as
+ * quantize_blocks in intq_i8.c, bit for bit (fcvtns rounds to nearest even; fmaxnm, like
+ * fmaxf, ignores a NaN). A short block is copied into a zeroed buffer, never read past. */
+TARGET void intq_quantize_blocks_neon(const intq_t *W, const float *x, int8_t *xi, float *d, float *sig) {
+    const int nq = W->B / 4;
+    const int32x4_t lo = vdupq_n_s32(-127), hi = vdupq_n_s32(127);
+    for (int sb = 0; sb < W->nsub; sb++) {
+        const int g = sb / W->spg, c0 = g * W->group, j0 = (sb % W->spg) * W->B;
+        const int glen = c0 + W->group <= W->in ? W->group : W->in - c0;
+        const int n = glen - j0 < W->B ? (glen - j0 > 0 ? glen - j0 : 0) : W->B;
+        float buf[32];
+        const float *src = x + c0 + j0;
+        if (n < W->B) {
+            memset(buf, 0, sizeof buf);
+            if (n) memcpy(buf, src, (size_t)n * sizeof *src);
+            src = buf;
+        }
+        float32x4_t v[8], amax = vdupq_n_f32(0.f);
+        for (int q = 0; q < nq; q++) {
+            v[q] = vld1q_f32(src + 4 * q);
+            amax = vmaxnmq_f32(amax, vabsq_f32(v[q]));
+        }
+        const float ds = vmaxnmvq_f32(amax) / 127.f, id = ds != 0.f ? 1.f / ds : 0.f;
+        int32x4_t sum = vdupq_n_s32(0);
+        for (int q = 0; q < nq; q += 4) { /* 16 codes at a time */
+            int32x4_t r[4];
+            for (int k = 0; k < 4; k++) {
+                r[k] = vminq_s32(vmaxq_s32(vcvtnq_s32_f32(vmulq_n_f32(v[q + k], id)), lo), hi);
+                sum = vaddq_s32(sum, r[k]);
+            }
+            const int16x8_t a = vcombine_s16(vmovn_s32(r[0]), vmovn_s32(r[1]));
+            const int16x8_t b = vcombine_s16(vmovn_s32(r[2]), vmovn_s32(r[3]));
+            vst1q_s8(xi + (size_t)sb * W->B + 4 * q, vcombine_s8(vmovn_s16(a), vmovn_s16(b)));
+        }
+        d[sb] = ds;
+        sig[sb] = ds * (float)vaddvq_s32(sum);
+    }
+}
+
 void intq_rows_i8_neon(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y) {
     static const block_fn blocks[9] = {NULL, NULL, block_2, block_3, block_4, block_5, block_6, block_7, block_8};
     rows_any(W, X, r0, r1, M, y, blocks[W->bits]);
