@@ -282,6 +282,8 @@ class NativeModel:
             raise SlimlmError(f"{self.path} is native format version {man.get('format_version')}, this slimlm reads "
                               f"version {FORMAT_VERSION}; export the model again with this slimlm")
         self.ext = ext = extension()
+        self._tuner = None  # None with fixed threads; else made on the first step (slimlm/runtime/threads.py)
+        self._fixed = threads is not None
         if threads is not None:
             if threads < 1:
                 raise SlimlmError(f"threads must be at least 1, got {threads}")
@@ -408,7 +410,18 @@ class NativeModel:
         return logits
 
     def step(self, token: int) -> np.ndarray:
-        return self.extend([int(token)])
+        """Logits after one more token, on the fixed thread count or the one measured fastest (as LeanModel)."""
+        if self._fixed:
+            return self.extend([int(token)])
+        if self._tuner is None:
+            from slimlm.runtime.threads import ThreadTuner
+
+            self._tuner = ThreadTuner(setter=self.ext.threads)
+        self._tuner.next()
+        t0 = time.perf_counter()
+        logits = self.extend([int(token)])
+        self._tuner.record(time.perf_counter() - t0)
+        return logits
 
     # ----- text --------------------------------------------------------------------------
     @property
@@ -490,7 +503,9 @@ class NativeModel:
         size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         return dict(model=str(self.path), prompt_tokens=len(ids), decode_tokens=decode_tokens, runs=runs,
                     prefill_tps=float(np.median(pre)), decode_tps=float(np.median(dec)), peak_rss_bytes=peak_rss(),
-                    size_bytes=size, isa=self.ext.isa(), threads=self.ext.threads(), torch_imported="torch" in sys.modules)
+                    size_bytes=size, isa=self.ext.isa(), torch_imported="torch" in sys.modules,
+                    threads=self._tuner.chosen if self._tuner is not None else self.ext.threads(),
+                    threads_chosen_by="fixed" if self._fixed else "measurement")
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:

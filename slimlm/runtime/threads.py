@@ -75,7 +75,9 @@ class ThreadTuner:
     Use: `n = tuner.next()` before a step (the count is already set), `tuner.record(seconds)`
     after it. `chosen` is the count in force outside a probe."""
 
-    def __init__(self, max_threads: int | None = None, probe: int = 4, every: int = 256, start: int | None = None):
+    def __init__(self, max_threads: int | None = None, probe: int = 4, every: int = 256, start: int | None = None,
+                 setter=None):
+        self.setter = setter or set_threads  # the torch-free runtime passes the extension's own
         self.candidates = list(range(1, (max_threads or usable_cores()) + 1))
         self.probe, self.every = probe, every
         self.chosen = start if start is not None else free_cores()
@@ -95,7 +97,7 @@ class ThreadTuner:
     def next(self) -> int:
         n = self._queue[0] if self._queue else self.chosen
         if n != self._current:
-            set_threads(n)
+            self.setter(n)
             self._current = n
         return n
 
