@@ -9,6 +9,7 @@ Engines (models made once under benchmarks/out/peers/):
   slimlm w4    rtn:bits=4,group=32 + 8-bit g32 head             Q4_1's layout (5.0 bpw)
   slimlm w8s   rtn:bits=8,group=32,sym=true + 8-bit g32 head    Q8_0's layout (8.5 bpw)
   slimlm w2    rtn:bits=2,group=32 + 8-bit g32 head
+  slimlm native w4s, w2   the same models exported by `slimlm export-native`, run without torch
   llama.cpp Q4_0, Q4_1, Q8_0 requantized from the embedded GGUF (llama_model_quantize), run with
   llama.cpp's defaults (its repacked CPU buffers included).
 Each worker process loads its model, runs one warm-up and `--runs` timed runs of a prefill of
@@ -35,6 +36,7 @@ SLIMLM = {"slimlm w4s": "rtn:bits=4,group=32,sym=true+rtn:bits=8,group=32@lm_hea
           "slimlm w4": "rtn:bits=4,group=32+rtn:bits=8,group=32@lm_head",
           "slimlm w8s": "rtn:bits=8,group=32,sym=true+rtn:bits=8,group=32@lm_head",
           "slimlm w2": "rtn:bits=2,group=32+rtn:bits=8,group=32@lm_head"}
+NATIVE = {"slimlm native w4s": "w4s", "slimlm native w2": "w2"}  # torch-free: `slimlm export-native` of those dirs
 LLAMA = ("llama.cpp Q4_0", "llama.cpp Q4_1", "llama.cpp Q8_0")
 
 
@@ -56,6 +58,10 @@ def prepare(names: list[str], threads: int) -> None:
         if name in SLIMLM and not (OUT / name.split()[-1]).exists():
             subprocess.run([sys.executable, "-m", "slimlm.cli", "compress", "smollm2-135m", "--recipe", SLIMLM[name],
                             "--output", str(OUT / name.split()[-1]), "-q"], check=True)
+        if name in NATIVE and not (OUT / f"{NATIVE[name]}.native").exists():
+            prepare([f"slimlm {NATIVE[name]}"], threads)
+            subprocess.run([sys.executable, "-m", "slimlm.cli", "export-native", str(OUT / NATIVE[name]), "-o",
+                            str(OUT / f"{NATIVE[name]}.native")], check=True, stdout=subprocess.DEVNULL)
         if name in LLAMA and not (OUT / f"{name.split()[-1]}.gguf").exists():
             import llama_cpp
 
@@ -95,6 +101,28 @@ def worker_slimlm(name: str, a) -> dict:
             dec.append(a.decode_tokens / (t2 - t1))
     return {"prefill_tps": pre, "decode_tps": dec, "isa": isa(), "fused": lean.fused,
             "size_mb": sum(f.stat().st_size for f in (OUT / name.split()[-1]).iterdir()) / 1e6}
+
+
+def worker_native(name: str, a) -> dict:
+    """The torch-free runtime (slimlm/runtime/native.py) on the export of the same compressed model."""
+    from slimlm.runtime.native import NativeModel
+
+    path = OUT / f"{NATIVE[name]}.native"
+    nm = NativeModel(path, threads=a.threads)
+    ids = nm.tokenizer.encode(prompt_text(), add_special_tokens=False).ids[: a.prompt_tokens]
+    pre, dec = [], []
+    for r in range(a.runs + 1):
+        t0 = time.perf_counter()
+        tok = int(nm.prefill(ids).argmax())
+        t1 = time.perf_counter()
+        for _ in range(a.decode_tokens):
+            tok = int(nm.step(tok).argmax())
+        t2 = time.perf_counter()
+        if r:
+            pre.append(len(ids) / (t1 - t0))
+            dec.append(a.decode_tokens / (t2 - t1))
+    return {"prefill_tps": pre, "decode_tps": dec, "isa": nm.ext.isa(), "torch_imported": "torch" in sys.modules,
+            "size_mb": sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6}
 
 
 def worker_llama(name: str, a) -> dict:
@@ -137,11 +165,11 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        res = (worker_slimlm if a.worker in SLIMLM else worker_llama)(a.worker, a)
+        res = (worker_slimlm if a.worker in SLIMLM else worker_native if a.worker in NATIVE else worker_llama)(a.worker, a)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
-    names = [n for n in (*SLIMLM, *LLAMA) if not a.only or n in a.only]
+    names = [n for n in (*SLIMLM, *NATIVE, *LLAMA) if not a.only or n in a.only]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -175,14 +203,16 @@ def main() -> None:
         rows[n] = {"decode_tps": round(statistics.median(dec), 1), "decode_min_max": [round(min(dec), 1), round(max(dec), 1)],
                    "prefill_tps": round(statistics.median(pre), 1), "prefill_min_max": [round(min(pre), 1), round(max(pre), 1)],
                    "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs)), "size_mb": round(rs[0]["size_mb"], 1),
-                   **{k: rs[0][k] for k in ("isa", "fused", "system_info") if k in rs[0]}}
+                   **{k: rs[0][k] for k in ("isa", "fused", "system_info", "torch_imported") if k in rs[0]}}
     ratios = {}
-    for ours, theirs in (("slimlm w4s", "llama.cpp Q4_0"), ("slimlm w4", "llama.cpp Q4_1"), ("slimlm w8s", "llama.cpp Q8_0")):
+    for ours, theirs in (("slimlm w4s", "llama.cpp Q4_0"), ("slimlm w4", "llama.cpp Q4_1"), ("slimlm w8s", "llama.cpp Q8_0"),
+                         ("slimlm native w4s", "llama.cpp Q4_0")):
         if ours in rows and theirs in rows:
             ratios[f"{ours} / {theirs}"] = {k: round(rows[ours][k] / rows[theirs][k], 3)
                                             for k in ("decode_tps", "prefill_tps", "peak_rss_mb")}
-    if "slimlm w2" in rows and "slimlm w4s" in rows:
-        ratios["slimlm w2 / slimlm w4s"] = {"decode_tps": round(rows["slimlm w2"]["decode_tps"] / rows["slimlm w4s"]["decode_tps"], 3)}
+    for two, four in (("slimlm w2", "slimlm w4s"), ("slimlm native w2", "slimlm native w4s")):
+        if two in rows and four in rows:
+            ratios[f"{two} / {four}"] = {"decode_tps": round(rows[two]["decode_tps"] / rows[four]["decode_tps"], 3)}
     cpu = subprocess.run("grep -m1 'model name' /proc/cpuinfo; grep -o -w 'avx512_vnni\\|avx2' /proc/cpuinfo | sort -u",
                          shell=True, capture_output=True, text=True).stdout.split("\n")
     out = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "cpu": [c for c in cpu if c],
