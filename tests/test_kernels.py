@@ -28,7 +28,8 @@ TOL = 2e-5
 # (out, in, group): the embedded model's widths with groups 32/64/96/128/per-channel (0), rows not a
 # multiple of any tile, odd and short last groups, groups that pad to 16 rather than 32
 SHAPES = [(7, 576, 32), (5, 1536, 64), (3, 576, 96), (5, 576, 128), (6, 1536, 128), (3, 576, 0), (11, 1536, 0),
-          (9, 100, 32), (4, 50, 7), (2, 64, 64), (5, 80, 64), (3, 96, 48), (6, 40, 0)]
+          (9, 100, 32), (4, 50, 7), (2, 64, 64), (5, 80, 64), (3, 96, 48), (6, 40, 0),
+          (3, 320, 32), (2, 464, 16)]  # last tiles touching more than 8 groups (the wide scale lookups)
 BATCHES = range(1, 17)  # matrix-vector and every small batch (tiled by 4); on the float path 17+ rows are prefill
 ISAS = [*FAST, "scalar"]  # every int8-path kernel set; those this CPU cannot run are skipped, saying so
 

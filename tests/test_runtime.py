@@ -249,3 +249,33 @@ def test_fused_step_checks_its_arguments():
     x = torch.zeros(17, lean.dim)
     with pytest.raises(ValueError, match="do not fit"):
         ext.lean_step(lean._plan, x.data_ptr(), 17, 3, kp.data_ptr(), vp.data_ptr(), lean.k_cache[0].shape[1])
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx_vnni", "avx2", "neon_dotprod", "scalar"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_fused_step_on_every_isa(isa, model_type):
+    """The fused step with each ISA's loops (int8 kernels, and the dense rows, SiLU and attention
+    rows of lean.c: AVX-512, AVX2 or portable): dense float32 against transformers; a 4-bit model
+    against its own PyTorch blocks on the best ISA, to the int8 path's rounding."""
+    import os
+
+    from slimlm.kernels import isas, set_isa
+
+    if isa not in isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels (it runs {', '.join(isas())})")
+    lm = tiny_model(model_type, sliding_window=8) if model_type == "mistral" else tiny_model(model_type)
+    ids = _ids(40)
+    q = tiny_model(model_type)
+    compress_model(q, "rtn:bits=4,group=32", progress=False)
+    ref_q = LeanModel(q.model, RuntimeConfig(fused=False))
+    want = torch.stack([ref_q.prefill(ids[:1]), *[ref_q.step(t) for t in ids[1:]]])
+    set_isa(isa)
+    try:
+        err, lean = _lean_error(lm.model, ids, (16, 3))
+        assert lean.fused and err < ATOL
+        fq = LeanModel(q.model, RuntimeConfig())
+        assert fq.fused
+        got = torch.stack([fq.prefill(ids[:1]), *[fq.step(t) for t in ids[1:]]])
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4  # same sums, another order
+    finally:
+        set_isa(os.environ.get("SLIMLM_ISA"))

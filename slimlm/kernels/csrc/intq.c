@@ -186,7 +186,9 @@ int intq_matmul(const intq_t *W, const float *x, int M, float *y) {
             if (xp) memcpy(xp + (size_t)m * xstride + (size_t)g * W->gpad, src, n * sizeof(float));
         }
     const float *xv = xp ? xp : x;
+#if defined(__x86_64__) || defined(_M_X64)
     const int use512 = intq_has_avx512();
+#endif
 #pragma omp parallel
     {
         int a, b;

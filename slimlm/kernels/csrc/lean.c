@@ -360,8 +360,6 @@ static void attention(const float *q, int qs, const float *kc, const float *vc, 
     const float scale = 1.f / sqrtf((float)hd);
 #if defined(__x86_64__) && defined(__GNUC__)
     const int fast = hd != 64 ? 0 : intq_has_avx512() ? 2 : intq_has_avx2() ? 1 : 0;
-#else
-    const int fast = 0;
 #endif
 #pragma omp parallel for schedule(static)
     for (int mn = 0; mn < M * nq; mn++) {
