@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent
 TOPICS = [("foundation", "Foundation (issue 2)"), ("calibrated", "Calibrated quantization (issue 8)"),
           ("lowbit", "Below 3 bits (issue 4)"), ("pruning", "Pruning and low rank (issue 5)"),
           ("lossless", "Lossless coding (issue 3)"), ("runtime", "CPU runtime (issue 6)"),
-          ("sweep", "Sweep, fit, report (issue 7)")]
+          ("sweep", "Sweep, fit, report (issue 7)"), ("deploy", "The runtime on every CPU (issue 15)"),
+          ("memory", "Run-time memory (issue 15)")]
 
 
 def foundation_table(path: Path) -> str:

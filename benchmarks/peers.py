@@ -14,7 +14,7 @@ Engines (models made once under benchmarks/out/peers/):
   llama.cpp's defaults (its repacked CPU buffers included).
 Each worker process loads its model, runs one warm-up and `--runs` timed runs of a prefill of
 `--prompt-tokens` tokens of the built-in evaluation text then `--decode-tokens` greedy decode
-steps, and prints medians and its own peak RSS (ru_maxrss: Python, torch or llama.cpp, model,
+steps, and prints medians and its own peak RSS (VmHWM: Python, torch or llama.cpp, model,
 cache). `--isa` sets SLIMLM_ISA for slimlm's workers; `--llama-lib` points llama-cpp-python at
 another build of its libraries (LLAMA_CPP_LIB_PATH), e.g. one built for AVX2 only.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,13 @@ def prompt_text() -> str:
 
         path.write_text(corpus_text("evaluation")[:20000])
     return path.read_text()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: not ru_maxrss, which Linux carries over an exec from the parent)."""
+    from slimlm.procinfo import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def prepare(names: list[str], threads: int) -> None:
@@ -166,7 +172,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         res = (worker_slimlm if a.worker in SLIMLM else worker_native if a.worker in NATIVE else worker_llama)(a.worker, a)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
     names = [n for n in (*SLIMLM, *NATIVE, *LLAMA) if not a.only or n in a.only]

@@ -27,22 +27,45 @@ def _drive(tuner, cost, steps):
     return used
 
 
-def test_free_cores_is_within_the_usable_ones():
-    assert 1 <= free_cores(0.01) <= usable_cores()
+def test_free_cores_is_within_the_usable_ones_and_sees_a_busy_process():
+    import subprocess
+    import sys
+    import time
+
+    assert 1 <= free_cores() <= usable_cores()
+    if usable_cores() < 2:
+        pytest.skip("one usable core: nothing to take away")
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 20\nwhile time.time() < t: pass"])
+    try:
+        time.sleep(0.3)
+        assert free_cores() <= usable_cores() - 1
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_no_more_threads_than_free_cores_are_tried():
+    free = [1]
+    t = ThreadTuner(max_threads=2, probe=2, every=10, start=2, free=lambda: free[0])
+    used = _drive(t, {1: 0.004, 2: 0.5}, 30)  # a busy neighbour: 2 threads would collapse
+    assert t.chosen == 1 and 2 not in used
+    free[0] = 2  # the neighbour is gone: the next probe tries 2 again
+    used = _drive(t, {1: 0.006, 2: 0.004}, 30)
+    assert 2 in used and t.chosen == 2
 
 
 def test_the_faster_count_is_chosen_and_a_collapsed_one_costs_one_step():
-    t = ThreadTuner(max_threads=2, probe=4, every=1000, start=1)
+    t = ThreadTuner(max_threads=2, probe=4, every=1000, start=1, free=lambda: 2)
     used = _drive(t, {1: 0.005, 2: 0.2}, 40)  # 2 threads collapsed (a busy process on the other core)
     assert t.chosen == 1
     assert used.count(2) == 1  # dropped after its first step: over twice the best
-    t = ThreadTuner(max_threads=2, probe=4, every=1000, start=1)
+    t = ThreadTuner(max_threads=2, probe=4, every=1000, start=1, free=lambda: 2)
     _drive(t, {1: 0.006, 2: 0.004}, 40)
     assert t.chosen == 2 and torch.get_num_threads() == 2
 
 
 def test_the_choice_is_measured_again_every_so_often():
-    t = ThreadTuner(max_threads=2, probe=2, every=10, start=2)
+    t = ThreadTuner(max_threads=2, probe=2, every=10, start=2, free=lambda: 2)
     _drive(t, {1: 0.006, 2: 0.004}, 20)
     assert t.chosen == 2
     used = _drive(t, {1: 0.004, 2: 0.05}, 30)  # the load changed: 2 threads now collapse

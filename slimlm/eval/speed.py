@@ -12,19 +12,15 @@ one decode step reads, for the bandwidth bound (bytes ÷ measured bandwidth).
 from __future__ import annotations
 
 import dataclasses
-import resource
 import statistics
 import time
 
 import torch
 
 from slimlm.kernels import describe, kernel_summary
+from slimlm.procinfo import peak_rss_bytes  # re-exported: benchmarks import it from here
 from slimlm.runtime.generate import GenerationConfig, generate_ids, lean_model
 from slimlm.runtime.lean import RuntimeConfig, supports
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 @torch.inference_mode()

@@ -22,9 +22,19 @@ import os
 import warnings
 
 from slimlm.errors import SlimlmError
-from slimlm.kernels.intq import IntQKernel
 
 FAST = ("avx512_vnni", "avx_vnni", "avx2", "neon_dotprod")  # vector int8 kernels; "scalar" is the portable loop
+
+
+def _chosen(mod):
+    """`mod` (the compiled module) with $SLIMLM_ISA applied when set; a bad value is one SlimlmError."""
+    want = os.environ.get("SLIMLM_ISA")
+    if want:
+        try:
+            mod.set_isa(want)
+        except ValueError as e:
+            raise SlimlmError(f"SLIMLM_ISA={want!r}: {e}") from None
+    return mod
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,13 +48,26 @@ def extension():
         warnings.warn(f"slimlm: C kernels are not built ({e}); running the slower PyTorch reference path "
                       "(reinstall with `pip install -e .` and a C compiler to build them)", RuntimeWarning, stacklevel=2)
         return None
-    want = os.environ.get("SLIMLM_ISA")
-    if want:
-        try:
-            _C.set_isa(want)
-        except ValueError as e:
-            raise SlimlmError(f"SLIMLM_ISA={want!r}: {e}") from None
-    return _C
+    return _chosen(_C)
+
+
+@functools.lru_cache(maxsize=1)
+def native_extension():
+    """The compiled module for a process without torch (slimlm/runtime/native.py): it links its own
+    OpenMP runtime. Importing this package imports no torch; SlimlmError when the module is not built."""
+    try:
+        from slimlm.kernels import _C
+    except ImportError as e:
+        raise SlimlmError(f"the C kernels are not built ({e}); reinstall with `pip install -e .` and a C compiler") from None
+    return _chosen(_C)
+
+
+def __getattr__(name):  # IntQKernel lives in intq.py, which imports torch: only on first use
+    if name == "IntQKernel":
+        from slimlm.kernels.intq import IntQKernel
+
+        return IntQKernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available() -> bool:
@@ -124,10 +147,12 @@ def kernel_for(packed):
     from slimlm.formats.intq import IntQuant
 
     if isinstance(packed, IntQuant) and extension() is not None:
+        from slimlm.kernels.intq import IntQKernel
+
         slow_path_warning()
         return IntQKernel(packed, extension())
     return None
 
 
 __all__ = ["IntQKernel", "available", "describe", "extension", "isa", "isas", "kernel_for", "kernel_name", "kernel_summary",
-           "set_isa"]
+           "native_extension", "set_isa"]

@@ -29,12 +29,9 @@ Nothing here, nor anything it imports, imports torch.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import mmap
 import os
-import resource
 import shutil
 import sys
 import time
@@ -57,25 +54,10 @@ BENCH_TEXT = ("The history of the printing press begins in the fifteenth century
 
 
 def extension():
-    """The kernels' compiled module, loaded from its file without importing slimlm.kernels (which imports torch)."""
-    name = "slimlm.kernels._C"
-    if name in sys.modules:
-        return sys.modules[name]
-    here = Path(__file__).resolve().parents[1] / "kernels"
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_C{suffix}"
-        if path.exists():
-            loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-            mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path, loader=loader))
-            loader.exec_module(mod)
-            want = os.environ.get("SLIMLM_ISA")
-            if want:
-                try:
-                    mod.set_isa(want)
-                except ValueError as e:
-                    raise SlimlmError(f"SLIMLM_ISA={want!r}: {e}") from None
-            return mod
-    raise SlimlmError(f"the C kernels are not built (no _C extension in {here}); reinstall with `pip install -e .`")
+    """The kernels' compiled module, without torch (slimlm.kernels imports none at import)."""
+    from slimlm.kernels import native_extension
+
+    return native_extension()
 
 
 # ----- export (a torch process) ------------------------------------------------------------
@@ -530,6 +512,7 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size in bytes (ru_maxrss is kB on Linux, bytes on macOS)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
+    """This process's peak resident set size in bytes (slimlm/procinfo.py)."""
+    from slimlm.procinfo import peak_rss_bytes
+
+    return peak_rss_bytes()

@@ -5,9 +5,9 @@ competing busy process, 2 threads decode at 1–2 tokens/s (every parallel regio
 the thread that shares its core with the other process) while 1 thread keeps most of its
 speed. `ThreadTuner` therefore:
 
-- starts from the cores free now (`free_cores`: /proc/stat's idle share over ~50 ms, of the
-  cores this process may use), at least 1;
-- then times decode steps itself: each candidate count (1 .. usable cores) runs `probe`
+- counts the cores free now (`free_cores`: usable cores minus other processes' runnable
+  tasks, read from /proc without waiting), at least 1, and never tries more threads than that;
+- then times decode steps itself: each candidate count (1 .. free cores) runs `probe`
   steps (a candidate whose step takes over twice the best step so far is dropped after
   that one step, so a collapsed team costs one slow step, not four), the one with the
   lowest median step time is kept, and the probe is repeated every `every` steps so a
@@ -32,29 +32,50 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_times() -> tuple[float, float] | None:
+def _procs_running() -> int | None:
+    """Runnable tasks on the whole machine now (/proc/stat), or None where there is no such file."""
     try:
         with open("/proc/stat") as f:
-            v = [float(t) for t in f.readline().split()[1:]]
+            for line in f:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
     except (OSError, ValueError):
         return None
-    idle = v[3] + (v[4] if len(v) > 4 else 0.0)  # idle + iowait
-    return sum(v[:8]), idle
+    return None
 
 
-def free_cores(window: float = 0.05) -> int:
-    """Cores idle over the next `window` seconds (rounded, at least 1, at most `usable_cores()`)."""
+def _own_running() -> int:
+    """This process's threads that are runnable now (an OpenMP team spinning counts)."""
+    n = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        n += st[st.rindex(")") + 2] == "R"
+    return max(n, 1)
+
+
+def free_cores(samples: int = 3) -> int:
+    """Cores not taken by other processes right now: usable cores minus the runnable tasks of others
+    (the fewest over a few readings ~0.2 ms apart, so a passing task does not count), at least 1.
+    Instantaneous, no sleep: a probe costs ~0.1 ms. Without /proc, all usable cores."""
     n = usable_cores()
-    a = _cpu_times()
-    if a is None:
-        return n
-    time.sleep(window)
-    b = _cpu_times()
-    total, idle = b[0] - a[0], b[1] - a[1]
-    if total <= 0:
-        return n
-    busy = (os.cpu_count() or n) * (1 - idle / total)  # cores' worth of busy time, all CPUs
-    return max(1, min(n, round(n - busy + 0.25)))
+    others = None
+    for k in range(samples):
+        total = _procs_running()
+        if total is None:
+            return n
+        busy = max(0, total - _own_running())
+        others = busy if others is None else min(others, busy)
+        if k + 1 < samples:
+            time.sleep(0.0002)
+    return max(1, n - others)
 
 
 def set_threads(n: int) -> None:
@@ -76,20 +97,30 @@ class ThreadTuner:
     after it. `chosen` is the count in force outside a probe."""
 
     def __init__(self, max_threads: int | None = None, probe: int = 4, every: int = 256, start: int | None = None,
-                 setter=None):
+                 setter=None, free=None):
         self.setter = setter or set_threads  # the torch-free runtime passes the extension's own
-        self.candidates = list(range(1, (max_threads or usable_cores()) + 1))
+        self.free = free or free_cores
+        self._max = max_threads or usable_cores()
+        self.candidates = list(range(1, self._max + 1))
         self.probe, self.every = probe, every
-        self.chosen = start if start is not None else free_cores()
+        self.chosen = min(start, self._max) if start is not None else self._max
         self._times: dict[int, list[float]] = {}
         self._queue: list[int] = []
         self._since = 0
         self._current = None
-        if len(self.candidates) > 1:
+        if self._max > 1:
             self._schedule()
 
     def _schedule(self) -> None:
-        # the current choice first: its first step after a pause pays the wake-up, so it is timed last too
+        # only counts the free cores can take: a team larger than them collapses (one such step can cost
+        # as much as a hundred good ones, so it is not even probed); the current choice first, and last
+        # again (its first step after a change pays the wake-up)
+        free = self.free()
+        self.candidates = list(range(1, min(self._max, free) + 1))
+        self.chosen = min(self.chosen, self.candidates[-1])
+        if len(self.candidates) == 1:
+            self._queue, self._times = [], {}
+            return
         order = [self.chosen] + [c for c in self.candidates if c != self.chosen]
         self._queue = [c for c in order for _ in range(self.probe)] + [self.chosen] * self.probe
         self._times = {c: [] for c in self.candidates}
@@ -114,5 +145,6 @@ class ThreadTuner:
                 self._since = 0
             return
         self._since += 1
-        if self._since >= self.every and len(self.candidates) > 1:
+        if self._since >= self.every and self._max > 1:
+            self._since = 0
             self._schedule()
