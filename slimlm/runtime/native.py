@@ -453,20 +453,10 @@ class NativeModel:
 
     def generate(self, prompt: str, max_new_tokens: int = 128, chat: bool = True, on_text=None, stop=(), **sampling) -> str:
         """The reply to `prompt`; `on_text` receives each new piece of text as it is decoded."""
-        out, text = [], ""
-        for t in self.generate_ids(self.prompt_ids(prompt, chat), max_new_tokens, **sampling):
-            out.append(t)
-            new = self.tokenizer.decode(out, skip_special_tokens=True)
-            piece, text = new[len(text):], new
-            hit = next((s for s in stop if s in text), None)
-            if hit is not None:
-                cut = text.index(hit)
-                if on_text and cut > len(text) - len(piece):
-                    on_text(text[len(text) - len(piece):cut])
-                return text[:cut]
-            if on_text and piece:
-                on_text(piece)
-        return text
+        from slimlm.runtime.text import stream_text
+
+        ids = self.generate_ids(self.prompt_ids(prompt, chat), max_new_tokens, **sampling)
+        return stream_text(self.tokenizer, ids, tuple(stop), on_text)
 
     def bench(self, prompt_tokens: int = 128, decode_tokens: int = 64, runs: int = 3) -> dict:
         """Prefill and decode tokens/s (medians of `runs` after one warm-up, greedy) and peak RSS."""
