@@ -272,3 +272,18 @@ def test_a_bad_isa_in_the_environment_is_one_clear_error():
     r = subprocess.run([sys.executable, "-c", "from slimlm.kernels import extension; extension()"],
                        capture_output=True, text=True, env={**__import__("os").environ, "SLIMLM_ISA": "sse9"})
     assert r.returncode != 0 and "SLIMLM_ISA='sse9'" in r.stderr and "no kernels are called sse9" in r.stderr
+
+
+def test_the_portable_loop_is_announced_once():
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from slimlm.models.tiny import tiny_model\nfrom slimlm.compress import compress_model\n"
+            "from slimlm.runtime.lean import LeanModel\nlm = tiny_model('llama')\n"
+            "compress_model(lm, 'rtn:bits=4,group=32', progress=False)\nLeanModel(lm.model); LeanModel(lm.model)\n")
+    for name, warned in (("scalar", True), (isas()[0], False)):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "SLIMLM_ISA": name})
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.count("no vector int8 kernel") == (1 if warned else 0), (name, r.stderr)

@@ -233,11 +233,12 @@ class LeanModel:
 
     def _fused_plan(self):
         """lean.c's plan of this model, or None when a block linear has no fused form."""
-        from slimlm.kernels import extension
+        from slimlm.kernels import extension, slow_path_warning
 
         ext = extension()
         if ext is None or not hasattr(ext, "lean_new"):
             return None
+        slow_path_warning()  # once per process, on a CPU that gets the portable loop
         self.fused_max_tokens = ext.LEAN_MAX_T
         layers = []
         for b, win in zip(self.blocks, self.windows):
