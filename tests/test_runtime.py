@@ -95,7 +95,7 @@ def test_fused_head_equals_the_module_head():
         extension().lean_linear(lean._head_plan, x.data_ptr(), 3, got.data_ptr())
         assert (got - lean.head(x)).abs().max() < 1e-4
         with pytest.raises(ValueError, match="rows"):
-            extension().lean_linear(lean._head_plan, x.data_ptr(), 17, got.data_ptr())
+            extension().lean_linear(lean._head_plan, x.data_ptr(), extension().LEAN_MAX_T + 1, got.data_ptr())
 
 
 def test_fused_step_serves_int8_kernels_only():
@@ -246,9 +246,10 @@ def test_fused_step_checks_its_arguments():
         ext.lean_new(lean.dim, lean.hd, 1e-5, 64, lean.cos.data_ptr(), lean.sin.data_ptr(), lean.norm.data_ptr(), [bad])
     lean.extend(_ids(3))
     kp, vp = lean._cache_ptrs
-    x = torch.zeros(17, lean.dim)
+    n = ext.LEAN_MAX_T + 1
+    x = torch.zeros(n, lean.dim)
     with pytest.raises(ValueError, match="do not fit"):
-        ext.lean_step(lean._plan, x.data_ptr(), 17, 3, kp.data_ptr(), vp.data_ptr(), lean.k_cache[0].shape[1])
+        ext.lean_step(lean._plan, x.data_ptr(), n, 3, kp.data_ptr(), vp.data_ptr(), lean.k_cache[0].shape[1])
 
 
 @pytest.mark.parametrize("isa", ["avx512_vnni", "avx_vnni", "avx2", "neon_dotprod", "scalar"])

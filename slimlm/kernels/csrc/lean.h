@@ -5,7 +5,7 @@
 
 enum { LEAN_INTQ = 0, LEAN_DENSE = 1 };
 #define LEAN_MAX_PARTS 3
-#define LEAN_MAX_T 16 /* tokens per step: decoding, and speculative verification */
+#define LEAN_MAX_T 64 /* tokens per step: decoding, speculative verification, prompts in chunks */
 
 typedef struct {
     int kind;                          /* LEAN_INTQ: W (int8-path layout, parts stacked); LEAN_DENSE: w[] */
