@@ -118,15 +118,7 @@ INLINE void rows_bits(const intq_t *W, int r0, int r1, const float *xp, int xstr
 
 CLONES static void rows_kernel(const intq_t *W, int r0, int r1, const float *xp, int xstride, const float *xs,
                                int M, float *y) {
-    switch (W->bits) {
-    case 2: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 2); break;
-    case 3: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 3); break;
-    case 4: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 4); break;
-    case 5: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 5); break;
-    case 6: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 6); break;
-    case 7: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 7); break;
-    default: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 8); break;
-    }
+    INTQ_BY_BITS(W->bits, rows_bits, W, r0, r1, xp, xstride, xs, M, y);
 }
 
 /* Rows [r0, r1) of the dequantized (out, in) float32 matrix. */
@@ -155,15 +147,7 @@ INLINE void dequant_bits(const intq_t *W, int r0, int r1, float *w, const int bi
 }
 
 CLONES static void dequant_kernel(const intq_t *W, int r0, int r1, float *w) {
-    switch (W->bits) {
-    case 2: dequant_bits(W, r0, r1, w, 2); break;
-    case 3: dequant_bits(W, r0, r1, w, 3); break;
-    case 4: dequant_bits(W, r0, r1, w, 4); break;
-    case 5: dequant_bits(W, r0, r1, w, 5); break;
-    case 6: dequant_bits(W, r0, r1, w, 6); break;
-    case 7: dequant_bits(W, r0, r1, w, 7); break;
-    default: dequant_bits(W, r0, r1, w, 8); break;
-    }
+    INTQ_BY_BITS(W->bits, dequant_bits, W, r0, r1, w);
 }
 
 int intq_matmul(const intq_t *W, const float *x, int M, float *y) {

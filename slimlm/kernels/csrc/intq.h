@@ -47,6 +47,21 @@ const char *intq_isa(void);
 int intq_has_avx512(void);
 void intq_rows_avx512(const intq_t *W, int r0, int r1, const float *xp, int xstride, const float *xs, int M, float *y);
 
+/* fn(args..., b) with b a compile-time constant equal to `bits` (2..8), so each bit width gets its own
+ * unrolled copy of an always_inline kernel: `INTQ_BY_BITS(W->bits, rows_bits, W, X, r0, r1, M, y);` */
+#define INTQ_BY_BITS(bits, fn, ...)                                                                                    \
+    do {                                                                                                               \
+        switch (bits) {                                                                                                \
+        case 2: fn(__VA_ARGS__, 2); break;                                                                             \
+        case 3: fn(__VA_ARGS__, 3); break;                                                                             \
+        case 4: fn(__VA_ARGS__, 4); break;                                                                             \
+        case 5: fn(__VA_ARGS__, 5); break;                                                                             \
+        case 6: fn(__VA_ARGS__, 6); break;                                                                             \
+        case 7: fn(__VA_ARGS__, 7); break;                                                                             \
+        default: fn(__VA_ARGS__, 8); break;                                                                            \
+        }                                                                                                              \
+    } while (0)
+
 static inline void intq_split(int n, int nt, int t, int *a, int *b) { /* rows [a, b) of thread t of nt */
     const int per = (n + nt - 1) / nt;
     *a = t * per < n ? t * per : n;

@@ -153,14 +153,6 @@ TARGET INLINE void rows_bits(const intq_t *W, int r0, int r1, const float *xp, i
 
 TARGET void intq_rows_avx512(const intq_t *W, int r0, int r1, const float *xp, int xstride, const float *xs, int M,
                              float *y) {
-    switch (W->bits) {
-    case 2: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 2); break;
-    case 3: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 3); break;
-    case 4: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 4); break;
-    case 5: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 5); break;
-    case 6: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 6); break;
-    case 7: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 7); break;
-    default: rows_bits(W, r0, r1, xp, xstride, xs, M, y, 8); break;
-    }
+    INTQ_BY_BITS(W->bits, rows_bits, W, r0, r1, xp, xstride, xs, M, y);
 }
 #endif /* x86-64 */

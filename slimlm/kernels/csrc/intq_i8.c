@@ -195,15 +195,7 @@ INLINE void rows_i8_bits(const intq_t *W, const intq_x8_t *X, int r0, int r1, in
 }
 
 CLONES void intq_rows_i8_scalar(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y) {
-    switch (W->bits) {
-    case 2: rows_i8_bits(W, X, r0, r1, M, y, 2); break;
-    case 3: rows_i8_bits(W, X, r0, r1, M, y, 3); break;
-    case 4: rows_i8_bits(W, X, r0, r1, M, y, 4); break;
-    case 5: rows_i8_bits(W, X, r0, r1, M, y, 5); break;
-    case 6: rows_i8_bits(W, X, r0, r1, M, y, 6); break;
-    case 7: rows_i8_bits(W, X, r0, r1, M, y, 7); break;
-    default: rows_i8_bits(W, X, r0, r1, M, y, 8); break;
-    }
+    INTQ_BY_BITS(W->bits, rows_i8_bits, W, X, r0, r1, M, y);
 }
 
 /* (row_codes,) column of each position of a repacked row, -1 for pads. */
@@ -239,15 +231,7 @@ INLINE void dequant_i8_bits(const intq_t *W, const int32_t *map, float *st, int 
 }
 
 CLONES static void dequant_i8(const intq_t *W, const int32_t *map, float *st, int r0, int r1, float *w) {
-    switch (W->bits) {
-    case 2: dequant_i8_bits(W, map, st, r0, r1, w, 2); break;
-    case 3: dequant_i8_bits(W, map, st, r0, r1, w, 3); break;
-    case 4: dequant_i8_bits(W, map, st, r0, r1, w, 4); break;
-    case 5: dequant_i8_bits(W, map, st, r0, r1, w, 5); break;
-    case 6: dequant_i8_bits(W, map, st, r0, r1, w, 6); break;
-    case 7: dequant_i8_bits(W, map, st, r0, r1, w, 7); break;
-    default: dequant_i8_bits(W, map, st, r0, r1, w, 8); break;
-    }
+    INTQ_BY_BITS(W->bits, dequant_i8_bits, W, map, st, r0, r1, w);
 }
 
 void intq_i8_release(intq_i8_prep_t *P) {

@@ -250,14 +250,6 @@ TARGET INLINE void rows_bits(const intq_t *W, const intq_x8_t *X, int r0, int r1
 }
 
 TARGET void intq_rows_i8_avx512(const intq_t *W, const intq_x8_t *X, int r0, int r1, int M, float *y) {
-    switch (W->bits) {
-    case 2: rows_bits(W, X, r0, r1, M, y, 2); break;
-    case 3: rows_bits(W, X, r0, r1, M, y, 3); break;
-    case 4: rows_bits(W, X, r0, r1, M, y, 4); break;
-    case 5: rows_bits(W, X, r0, r1, M, y, 5); break;
-    case 6: rows_bits(W, X, r0, r1, M, y, 6); break;
-    case 7: rows_bits(W, X, r0, r1, M, y, 7); break;
-    default: rows_bits(W, X, r0, r1, M, y, 8); break;
-    }
+    INTQ_BY_BITS(W->bits, rows_bits, W, X, r0, r1, M, y);
 }
 #endif /* x86-64 */
