@@ -248,19 +248,24 @@ def cmd_run(a) -> int:
     return 0
 
 
+def add_sampling_flags(p):
+    """The text-generation flags `generate` and `run` share."""
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    p.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
+
+
 def add_run_parser(sub):
     """`slimlm run`: parsed without the rest of the CLI, whose parser imports torch (see `main`)."""
     r = sub.add_parser("run", help="generate (or --bench) from a `slimlm export-native` directory, without torch")
     r.add_argument("model", help="a directory written by `slimlm export-native`")
     r.add_argument("prompt", nargs="?")
-    r.add_argument("--max-new-tokens", type=int, default=128)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--stop", action="append", help="stop before this string (repeatable)")
-    r.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
-    r.add_argument("--threads", type=int, default=None, help="kernel threads (default: OpenMP's, all cores)")
+    add_sampling_flags(r)
+    r.add_argument("--threads", type=int, default=None, help="kernel threads (default: chosen while decoding by measurement)")
     r.add_argument("--bench", action="store_true", help="prefill and decode tokens/s and peak RSS instead of text")
     r.add_argument("--prompt-tokens", type=int, default=128, help="bench: prompt length")
     r.add_argument("--decode-tokens", type=int, default=64, help="bench: tokens decoded per run")
@@ -327,13 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
     g.add_argument("model", help=src_help)
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", help="stop before this string (repeatable)")
-    g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
+    add_sampling_flags(g)
     g.add_argument("--threads", type=int, default=None,
                    help="threads of the kernels and torch (default: chosen while decoding by measurement)")
     g.add_argument("--draft", help="speculative decoding with this model as the draft (e.g. a more compressed copy); "
